@@ -1,0 +1,21 @@
+"""minicnn: deep learning from scratch, with every forward and backward pass in plain array code.
+
+    import minicnn
+    from minicnn.models import EmotionClassifier
+
+    model = EmotionClassifier()
+    logits = model(x)                                  # x: (N, 1, 48, 48) float32
+    criterion = minicnn.nn.CrossEntropyLoss()
+    loss = criterion(logits, labels)
+    model.backward(criterion.backward())
+    opt = minicnn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt.step(); opt.zero_grad()
+"""
+__version__ = "0.1.0"
+
+from . import backend, nn, optim, models, gradcheck  # noqa: E402
+from .backend import DeviceError, get_array_module, gpu_available  # noqa: E402
+from .rng import manual_seed  # noqa: E402
+
+__all__ = ["nn", "optim", "models", "gradcheck", "backend", "get_array_module", "gpu_available",
+           "DeviceError", "manual_seed", "__version__"]

@@ -1,0 +1,192 @@
+"""Gradient checks: compare a layer's backward pass with finite differences.
+
+For a module f and a fixed random upstream gradient g, the scalar
+``L(x, params) = sum(f(x) * g)`` has dL/dx = f.backward(g) and dL/dparam =
+param.grad. We estimate the same numbers with float64 central differences::
+
+    dL/dx_i ~ (L(x + h e_i) - L(x - h e_i)) / 2h                 mode="full"
+    <dL/dx, d> ~ (L(x + h d) - L(x - h d)) / 2h                   mode="directional"
+
+"full" perturbs every element (cost grows with the input: for small inputs);
+"directional" checks the gradient along one random direction per tensor
+(two forward passes per tensor, whatever its size; Chainer's idea). Both need
+float64: in float32 the rounding error of L swamps the difference.
+
+    from minicnn.gradcheck import check_module, format_report
+    results = check_module(layer.double(), x.astype("float64"))
+    print(format_report(results))
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_array_module
+
+__all__ = ["CheckResult", "GradcheckError", "numerical_gradient", "check_module", "check_loss",
+           "assert_gradients", "format_report"]
+
+
+@dataclass
+class CheckResult:
+    """One tensor's check: where the analytic and numeric gradients differ most, and by how much."""
+    layer: str
+    tensor: str
+    mode: str
+    max_rel_error: float
+    tolerance: float
+    worst_index: tuple       # element with the largest difference (() for directional)
+    analytic: float          # analytic value there (the directional derivative in that mode)
+    numeric: float
+    seconds: float
+
+    @property
+    def passed(self):
+        return bool(self.max_rel_error <= self.tolerance)
+
+    def __str__(self):
+        where = f" at {self.worst_index}" if self.worst_index else ""
+        return (f"{self.layer} {self.tensor} [{self.mode}]: max rel error {self.max_rel_error:.2e} "
+                f"(tol {self.tolerance:.0e}){where}: analytic {self.analytic:.6g} vs numeric "
+                f"{self.numeric:.6g} -> {'ok' if self.passed else 'FAIL'}")
+
+
+class GradcheckError(AssertionError):
+    """Raised by :func:`assert_gradients`; the message lists every failing tensor."""
+
+
+def _require_float64(a, what):
+    if a.dtype != np.float64:
+        raise ValueError(f"gradient checks need float64 ({what} is {a.dtype}): finite differences "
+                         "in float32 are dominated by rounding; use module.double() and x.astype('float64')")
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """Central differences of the scalar function ``f()`` w.r.t. every element of ``x`` (in place, restored)."""
+    xp = get_array_module(x)
+    grad = xp.zeros_like(x)
+    if not x.flags.c_contiguous:
+        raise ValueError("numerical_gradient perturbs x in place: pass a C-contiguous array")
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(x.size):
+        old = flat[i].item()
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def _compare_full(analytic, numeric):
+    xp = get_array_module(analytic)
+    if not numeric.size:
+        return 0.0, (), 0.0, 0.0
+    diff = xp.abs(analytic - numeric)
+    # Relative to the largest gradient entry: robust where single entries are near zero.
+    scale = max(float(xp.abs(numeric).max()), float(xp.abs(analytic).max()), 1e-12)
+    worst = int(diff.argmax())
+    idx = tuple(int(i) for i in np.unravel_index(worst, analytic.shape))
+    return float(diff.reshape(-1)[worst]) / scale, idx, float(analytic[idx]), float(numeric[idx])
+
+
+def _check_tensor(layer, name, arr, analytic, loss_fn, mode, h, tol, rng):
+    """Compare ``analytic`` with finite differences of ``loss_fn`` w.r.t. ``arr`` (perturbed in place)."""
+    xp = get_array_module(arr)
+    t0 = time.perf_counter()
+    if analytic is None:
+        analytic = xp.zeros_like(arr)        # no gradient produced: it should be zero
+    if analytic.shape != arr.shape:
+        raise ValueError(f"{layer} {name}: gradient has shape {analytic.shape}, tensor has {arr.shape}")
+    if mode == "full":
+        numeric = numerical_gradient(loss_fn, arr, h)
+        err, idx, a, n = _compare_full(analytic, numeric)
+    elif mode == "directional":
+        d = xp.asarray(rng.standard_normal(arr.shape))
+        d /= max(float(xp.sqrt((d * d).sum())), 1e-12)
+        saved = arr.copy()
+        arr += h * d
+        plus = loss_fn()
+        arr[...] = saved - h * d
+        minus = loss_fn()
+        arr[...] = saved
+        n = (plus - minus) / (2 * h)
+        a = float((analytic * d).sum())
+        scale = max(abs(a), abs(n), float(xp.sqrt((analytic * analytic).sum())) * 1e-3, 1e-12)
+        err, idx = abs(a - n) / scale, ()
+    else:
+        raise ValueError(f"mode must be 'full' or 'directional', got {mode!r}")
+    return CheckResult(layer, name, mode, err, tol, idx, a, n, time.perf_counter() - t0)
+
+
+def check_module(module, x, dout=None, mode="full", h=1e-6, tol=1e-6, seed=0, params=True, name=None):
+    """Check dL/dx and every parameter gradient of ``module`` at input ``x``.
+
+    The module runs in whatever mode it is in (train or eval); dropout masks are
+    held fixed by restoring the random state before each forward pass, and
+    buffers (BatchNorm running statistics) are restored afterwards. Returns a
+    list of :class:`CheckResult`. ``x`` and the module must be float64.
+    """
+    _require_float64(x, "the input")
+    for pname, p in module.named_parameters():
+        _require_float64(p.data, f"parameter {pname}")
+    xp = get_array_module(x)
+    rng = np.random.default_rng(seed)
+    layer = name or type(module).__name__
+    rng_state = module.rng_states()
+    saved_state = module.state_dict()
+    x = x.copy()
+    try:
+        out = module(x)
+        if dout is None:
+            dout = xp.asarray(rng.standard_normal(out.shape))
+        module.zero_grad()
+        dx = module.backward(dout)
+        grads = {pname: (None if p.grad is None else p.grad.copy()) for pname, p in module.named_parameters()}
+        dx = dx.copy()
+
+        def loss():
+            module.set_rng_states(rng_state)
+            return float((module(x) * dout).sum())
+
+        results = [_check_tensor(layer, "input", x, dx, loss, mode, h, tol, rng)]
+        if params:
+            for pname, p in module.named_parameters():
+                results.append(_check_tensor(layer, pname, p.data, grads[pname], loss, mode, h, tol, rng))
+    finally:
+        module.load_state_dict(saved_state)
+        module.set_rng_states(rng_state)
+    return results
+
+
+def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, seed=0):
+    """Check ``criterion.backward()`` against finite differences of ``criterion.forward``."""
+    _require_float64(logits, "the logits")
+    logits = logits.copy()
+    criterion.forward(logits, labels)
+    analytic = criterion.backward().copy()
+
+    def loss():
+        return float(criterion.forward(logits, labels))
+
+    return [_check_tensor(type(criterion).__name__, "logits", logits, analytic, loss, mode, h, tol,
+                          np.random.default_rng(seed))]
+
+
+def assert_gradients(results):
+    """Raise :class:`GradcheckError` naming every failed tensor; return the results otherwise."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise GradcheckError("gradient check failed:\n" + "\n".join(str(r) for r in failed))
+    return results
+
+
+def format_report(results):
+    """A table: layer, tensor, mode, max relative error, tolerance, pass/fail, time."""
+    head = f"{'layer':<22}{'tensor':<26}{'mode':<13}{'max rel err':>12}{'tol':>9}  {'result':<6}{'time':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.layer:<22}{r.tensor:<26}{r.mode:<13}{r.max_rel_error:>12.2e}{r.tolerance:>9.0e}  "
+                     f"{'pass' if r.passed else 'FAIL':<6}{r.seconds:>8.2f}s")
+    return "\n".join(lines)

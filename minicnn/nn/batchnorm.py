@@ -1,0 +1,86 @@
+"""BatchNorm2d: normalise each channel over the batch and the pixels.
+
+Forward (training), per channel over the M = N*H*W values of that channel::
+
+    mu = mean(x),  var = mean((x - mu)^2),  xhat = (x - mu) / sqrt(var + eps)
+    out = gamma * xhat + beta
+
+Backward, with g = dL/d(out)::
+
+    dL/dbeta  = sum(g)
+    dL/dgamma = sum(g * xhat)
+    dL/dx     = gamma / (M * sqrt(var + eps)) * (M*g - sum(g) - xhat * sum(g * xhat))
+
+(the last line is the full chain rule through mu and var, collapsed; see
+docs or CS231n for the derivation). In eval mode mu and var are the running
+statistics, constants, so dL/dx = g * gamma / sqrt(running_var + eps).
+Running statistics follow PyTorch: running = (1 - momentum) * running +
+momentum * batch, with the *unbiased* batch variance (divided by M - 1).
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from .module import Module, Parameter, check_input
+
+__all__ = ["BatchNorm2d"]
+
+
+class BatchNorm2d(Module):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.eps = int(num_features), float(eps)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        self.momentum = momentum          # None: cumulative average, as in PyTorch
+        c = self.num_features
+        self.weight = Parameter(np.ones(c, dtype=np.float32))    # gamma
+        self.bias = Parameter(np.zeros(c, dtype=np.float32))     # beta
+        self.register_buffer("running_mean", np.zeros(c, dtype=np.float32))
+        self.register_buffer("running_var", np.ones(c, dtype=np.float32))
+        self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        self._cache = None
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward(self, x):
+        check_input(self, x, ("N", self.num_features, "H", "W"), self.weight.dtype)
+        xp = get_array_module(x)
+        c = self.num_features
+        m = x.shape[0] * x.shape[2] * x.shape[3]
+        if self.training:
+            if m < 2:
+                raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
+                                 f"got input of shape {tuple(x.shape)}")
+            mu = x.mean(axis=(0, 2, 3))
+            var = ((x - mu.reshape(1, c, 1, 1)) ** 2).mean(axis=(0, 2, 3))   # two-pass: stable
+            self._update_running(mu, var * (m / (m - 1)))
+        else:
+            mu, var = self.running_mean, self.running_var
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
+        xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
+        out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
+        self._cache = (xhat, inv_std, self.training)
+        return out
+
+    def _update_running(self, mu, unbiased_var):
+        nbt = self.num_batches_tracked + 1
+        self.set_buffer("num_batches_tracked", nbt)
+        f = self.momentum if self.momentum is not None else 1.0 / float(nbt)
+        self.set_buffer("running_mean", (1 - f) * self.running_mean + f * mu)
+        self.set_buffer("running_var", (1 - f) * self.running_var + f * unbiased_var)
+
+    def backward(self, dout):
+        xhat, inv_std, training = self._saved()
+        self._check_dout(dout, xhat.shape)
+        c = self.num_features
+        axes = (0, 2, 3)
+        sum_g = dout.sum(axis=axes)
+        sum_g_xhat = (dout * xhat).sum(axis=axes)
+        self.bias.accumulate_grad(sum_g)
+        self.weight.accumulate_grad(sum_g_xhat)
+        scale = (self.weight.data * inv_std).reshape(1, c, 1, 1)
+        if not training:
+            return dout * scale
+        m = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
+        return scale * (dout - (sum_g.reshape(1, c, 1, 1) + xhat * sum_g_xhat.reshape(1, c, 1, 1)) / m)

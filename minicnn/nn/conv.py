@@ -1,0 +1,92 @@
+"""Conv2d as im2col + one matrix product.
+
+Forward, with ``col = im2col(x)`` of shape (N*OH*OW, C*KH*KW) and the weight
+flattened to ``Wm`` of shape (OC, C*KH*KW)::
+
+    out = col @ Wm.T + b                 (N*OH*OW, OC) -> reshaped to (N, OC, OH, OW)
+
+Backward, with ``d`` = dL/d(out) laid out as (N*OH*OW, OC)::
+
+    dL/db   = sum of d over rows
+    dL/dWm  = d.T @ col                  (each weight sees every window it touched)
+    dL/dcol = d @ Wm                     -> dL/dx = col2im(dL/dcol)
+
+The slow loop version is :func:`minicnn.kernels.reference.conv2d_forward`.
+"""
+import math
+
+from ..backend import get_array_module
+from .. import rng as _rng
+from ..kernels.im2col import col2im, conv_output_size, im2col
+from .module import Module, Parameter, check_input, uniform_init
+
+__all__ = ["Conv2d"]
+
+
+def _pair_int(v, name):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{name} must be an int or a square pair, got {v!r}")
+        v = v[0]
+    if int(v) != v:
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return int(v)
+
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation) over (N, C, H, W) inputs, square kernels."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 seed=None):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair_int(kernel_size, "kernel_size")
+        self.stride = _pair_int(stride, "stride")
+        self.padding = _pair_int(padding, "padding")
+        if min(self.in_channels, self.out_channels, self.kernel_size, self.stride) < 1 or self.padding < 0:
+            raise ValueError(f"invalid Conv2d arguments: {self.extra_repr()}")
+        k = self.kernel_size
+        # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+        bound = 1.0 / math.sqrt(self.in_channels * k * k)
+        g = _rng.spawn(seed)
+        self.weight = Parameter(uniform_init(g, (self.out_channels, self.in_channels, k, k), bound))
+        self.bias = Parameter(uniform_init(g, (self.out_channels,), bound)) if bias else None
+        self._cache = None
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+    def output_shape(self, input_shape):
+        n, _, h, w = input_shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (n, self.out_channels, conv_output_size(h, k, s, p), conv_output_size(w, k, s, p))
+
+    def forward(self, x):
+        check_input(self, x, ("N", self.in_channels, "H", "W"), self.weight.dtype)
+        k, s, p = self.kernel_size, self.stride, self.padding
+        n, _, oh, ow = self.output_shape(x.shape)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"Conv2d input of spatial size {tuple(x.shape[2:])} is smaller than the "
+                             f"kernel ({k}x{k}) with padding {p}")
+        xp = get_array_module(x)
+        col = im2col(x, k, k, s, p)                                   # (N*OH*OW, C*K*K)
+        w_mat = self.weight.data.reshape(self.out_channels, -1)       # (OC, C*K*K)
+        out = col @ w_mat.T                                           # (N*OH*OW, OC)
+        if self.bias is not None:
+            out += self.bias.data
+        out = xp.ascontiguousarray(out.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2))
+        self._cache = (x.shape, col, out.shape)
+        return out
+
+    def backward(self, dout):
+        x_shape, col, out_shape = self._saved()
+        self._check_dout(dout, out_shape)
+        k, s, p = self.kernel_size, self.stride, self.padding
+        d = dout.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)   # (N*OH*OW, OC)
+        w_mat = self.weight.data.reshape(self.out_channels, -1)
+        if self.bias is not None:
+            self.bias.accumulate_grad(d.sum(axis=0))
+        self.weight.accumulate_grad((d.T @ col).reshape(self.weight.shape))
+        dcol = d @ w_mat                                               # (N*OH*OW, C*K*K)
+        return col2im(dcol, x_shape, k, k, s, p)

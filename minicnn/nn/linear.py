@@ -1,0 +1,64 @@
+"""Flatten and Linear.
+
+Linear: out = x @ W.T + b with W of shape (out_features, in_features), so::
+
+    dL/dx = g @ W,   dL/dW = g.T @ x,   dL/db = sum of g over the batch
+
+Flatten: (N, C, H, W) -> (N, C*H*W); its backward reshapes the gradient back.
+"""
+import math
+
+from .. import rng as _rng
+from .module import Module, Parameter, check_input, uniform_init
+
+__all__ = ["Flatten", "Linear"]
+
+
+class Flatten(Module):
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
+    def forward(self, x):
+        if getattr(x, "ndim", 0) < 2:
+            raise ValueError(f"Flatten expects input of shape (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
+        self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout):
+        shape = self._saved()
+        self._check_dout(dout, (shape[0], int(math.prod(shape[1:]))))
+        return dout.reshape(shape)
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True, seed=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if self.in_features < 1 or self.out_features < 1:
+            raise ValueError(f"invalid Linear sizes: {in_features}, {out_features}")
+        bound = 1.0 / math.sqrt(self.in_features)      # PyTorch's default initialisation
+        g = _rng.spawn(seed)
+        self.weight = Parameter(uniform_init(g, (self.out_features, self.in_features), bound))
+        self.bias = Parameter(uniform_init(g, (self.out_features,), bound)) if bias else None
+        self._cache = None
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, x):
+        check_input(self, x, ("N", self.in_features), self.weight.dtype)
+        out = x @ self.weight.data.T
+        if self.bias is not None:
+            out += self.bias.data
+        self._cache = (x, out.shape)
+        return out
+
+    def backward(self, dout):
+        x, out_shape = self._saved()
+        self._check_dout(dout, out_shape)
+        self.weight.accumulate_grad(dout.T @ x)
+        if self.bias is not None:
+            self.bias.accumulate_grad(dout.sum(axis=0))
+        return dout @ self.weight.data

@@ -1,0 +1,95 @@
+"""CrossEntropyLoss: softmax + negative log-likelihood, with PyTorch's semantics.
+
+With logits z (N, C), log-probabilities ``logp = z - logsumexp(z)`` (computed
+after subtracting each row's max, so exp never overflows), and a target
+distribution q per sample::
+
+    q_i = (1 - eps) * w[y_i] * onehot(y_i) + (eps / C) * w      (w = class weights, 1 if none)
+    loss = sum_i sum_c q_ic * (-logp_ic) / W,   W = sum_i w[y_i]  (reduction='mean')
+
+so with no weights and no smoothing it is the plain mean of -log p[y]. Because
+d(-logp_ic)/dz_i = softmax(z_i) - onehot(c)::
+
+    dL/dz_i = (sum_c q_ic * softmax(z_i) - q_i) / W
+
+which is the famous ``(p - onehot(y)) / N`` in the plain case.
+"""
+import numpy as np
+
+from ..backend import get_array_module, to_device, device_of
+from .module import check_input
+
+__all__ = ["CrossEntropyLoss"]
+
+
+class CrossEntropyLoss:
+    def __init__(self, weight=None, label_smoothing=0.0, reduction="mean"):
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if weight is not None:
+            weight = np.asarray(weight.get() if hasattr(weight, "get") else weight, dtype=np.float64)
+            if weight.ndim != 1 or (weight < 0).any():
+                raise ValueError(f"weight must be a 1-D array of non-negative class weights, "
+                                 f"got shape {weight.shape}")
+        self.weight = weight
+        self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+        self._cache = None
+
+    def __repr__(self):
+        return (f"CrossEntropyLoss(label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}, weighted={self.weight is not None})")
+
+    def __call__(self, logits, labels):
+        """The loss as a Python float (use :meth:`forward` to keep it on the device)."""
+        return float(self.forward(logits, labels))
+
+    def _check(self, logits, labels):
+        check_input(self, logits, ("N", "C"))
+        n, c = logits.shape
+        labels_np = labels.get() if hasattr(labels, "get") else np.asarray(labels)
+        if labels_np.shape != (n,):
+            raise ValueError(f"CrossEntropyLoss expects labels of shape ({n},) for logits of shape "
+                             f"({n}, {c}), got {labels_np.shape}")
+        if labels_np.dtype.kind not in "iu":
+            raise ValueError(f"CrossEntropyLoss expects integer class labels, got dtype {labels_np.dtype}")
+        if n and (labels_np.min() < 0 or labels_np.max() >= c):
+            raise ValueError(f"labels must be in [0, {c}), got values from {labels_np.min()} "
+                             f"to {labels_np.max()}")
+        if self.weight is not None and self.weight.shape != (c,):
+            raise ValueError(f"weight has shape {self.weight.shape} but the logits have {c} classes")
+        if n == 0:
+            raise ValueError("CrossEntropyLoss got an empty batch")
+        return labels_np
+
+    def forward(self, logits, labels):
+        """The loss as a 0-d array on the logits' device; caches what backward needs."""
+        labels_np = self._check(logits, labels)
+        xp = get_array_module(logits)
+        n, c = logits.shape
+        labels = to_device(labels_np.astype(np.int64), device_of(logits))
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        eps = self.label_smoothing
+        w = (xp.ones(c, dtype=logits.dtype) if self.weight is None
+             else to_device(self.weight.astype(logits.dtype), device_of(logits)))
+        q = xp.zeros_like(logp)
+        q[xp.arange(n), labels] = (1.0 - eps) * w[labels]
+        if eps:
+            q += (eps / c) * w
+        total_w = w[labels].sum() if self.reduction == "mean" else logits.dtype.type(1.0)
+        loss = -(q * logp).sum() / total_w
+        self._cache = (logp, q, total_w)
+        return loss
+
+    def backward(self, dloss=1.0):
+        """dL/d(logits), shaped like the logits (times ``dloss``)."""
+        if self._cache is None:
+            raise RuntimeError("CrossEntropyLoss.backward() was called before the loss was computed")
+        logp, q, total_w = self._cache
+        xp = get_array_module(logp)
+        p = xp.exp(logp)
+        grad = (q.sum(axis=1, keepdims=True) * p - q) / total_w
+        return grad * dloss if dloss != 1.0 else grad

@@ -1,0 +1,355 @@
+"""The building blocks every layer shares: Parameter, Module and Sequential.
+
+A layer is a :class:`Module` with two methods:
+
+* ``forward(x)`` computes the output and caches what the backward pass needs;
+* ``backward(dout)`` takes dL/d(output), returns dL/d(input) and adds each
+  parameter's gradient into ``param.grad``.
+
+There is no autograd: a model's backward is its layers' backwards in reverse.
+Gradients accumulate (``grad += ...``) like PyTorch's, so call ``zero_grad()``
+(or the optimizer's) between steps.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from ..backend import device_of, float_dtype, to_device, to_numpy
+
+__all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init"]
+
+
+class Parameter:
+    """A trainable array: the values in ``.data``, dL/d(data) in ``.grad`` (None until backward)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self):
+        return self.data.size
+
+    def accumulate_grad(self, g):
+        """Add ``g`` to ``.grad`` (takes ``g`` itself the first time: callers pass a fresh array)."""
+        if self.grad is None:
+            self.grad = g
+        else:
+            self.grad += g
+
+    def __repr__(self):
+        return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype}, device={device_of(self.data)})"
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_input(module, x, expected, dtype=None):
+    """Raise a clear ValueError unless ``x`` is a floating array shaped like ``expected``.
+
+    ``expected`` lists each dimension: an int must match exactly, a string
+    ("N", "H", ...) matches any size; ``None`` accepts any shape. ``dtype``, when given, must match too
+    (a layer's input must share its parameters' dtype).
+    """
+    name = module.__class__.__name__
+    shape = getattr(x, "shape", None)
+    if shape is None or not hasattr(x, "dtype"):
+        raise ValueError(f"{name} expects an array"
+                         + (f" of shape {_shape_str(expected)}" if expected is not None else "")
+                         + f", got {type(x).__name__}")
+    if expected is None:
+        pass
+    elif len(shape) != len(expected) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, shape)):
+        raise ValueError(f"{name} expects input of shape {_shape_str(expected)}, "
+                         f"got {_shape_str(shape)}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"{name} expects a float32 or float64 array, got dtype {x.dtype} "
+                         f"(convert with x.astype('float32'))")
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name} has {dtype} parameters but got a {x.dtype} input; "
+                         f"convert the input or call model.to(dtype={str(x.dtype)!r})")
+
+
+class Module:
+    """Base class: holds parameters, buffers and sub-modules, and walks them by name.
+
+    Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers
+    it, so names follow attribute names (``features.0.weight``) as in PyTorch.
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # --- registration ---------------------------------------------------------
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"call Module.__init__() in {type(self).__name__}.__init__ "
+                                 "before assigning attributes")
+        for store in (self._parameters, self._buffers, self._modules):
+            store.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        # Only called when normal lookup fails: look in the registries.
+        for store in ("_parameters", "_buffers", "_modules"):
+            d = self.__dict__.get(store)
+            if d is not None and name in d:
+                return d[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def register_buffer(self, name, array):
+        """A state array that is saved in ``state_dict`` but not trained (e.g. running_mean)."""
+        self.__dict__.pop(name, None)
+        self._buffers[name] = array
+
+    def set_buffer(self, name, array):
+        """Replace a registered buffer's array."""
+        if name not in self._buffers:
+            raise KeyError(f"{type(self).__name__} has no buffer {name!r}")
+        self._buffers[name] = array
+
+    # --- running ----------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def backward(self, dout):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward()")
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _saved(self):
+        """The forward cache, or a clear error when backward comes first."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() was called before forward(): "
+                               "run a forward pass first")
+        return cache
+
+    def _check_dout(self, dout, out_shape):
+        if tuple(dout.shape) != tuple(out_shape):
+            raise ValueError(f"{type(self).__name__}.backward expects a gradient of the output's "
+                             f"shape {_shape_str(out_shape)}, got {_shape_str(dout.shape)}")
+
+    def train(self, mode=True):
+        """Training mode (batch statistics, dropout on); returns self."""
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        """Evaluation mode (running statistics, dropout off); returns self."""
+        return self.train(False)
+
+    # --- walking ----------------------------------------------------------------
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    def children(self):
+        return list(self._modules.values())
+
+    def named_parameters(self, prefix=""):
+        for mname, m in self.named_modules(prefix):
+            for pname, p in m._parameters.items():
+                yield (f"{mname}.{pname}" if mname else pname), p
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        for mname, m in self.named_modules(prefix):
+            for bname, b in m._buffers.items():
+                yield (f"{mname}.{bname}" if mname else bname), b
+
+    def num_parameters(self):
+        """Number of trainable scalars."""
+        return int(sum(p.size for p in self.parameters()))
+
+    def zero_grad(self):
+        """Forget all gradients (sets ``grad`` to None, like PyTorch's default)."""
+        for p in self.parameters():
+            p.grad = None
+
+    # --- device and dtype -------------------------------------------------------
+    @property
+    def device(self):
+        params = self.parameters()
+        return device_of(params[0].data) if params else "cpu"
+
+    @property
+    def dtype(self):
+        params = self.parameters()
+        return params[0].data.dtype if params else np.dtype(np.float32)
+
+    def to(self, device=None, dtype=None):
+        """Move parameters and buffers to ``device`` ('cpu'/'gpu') and/or cast to ``dtype``."""
+        dt = float_dtype(dtype) if dtype is not None else None
+
+        def move(a):
+            if dt is not None and a.dtype.kind == "f":
+                a = a.astype(dt)
+            return to_device(a, device) if device is not None else a
+
+        for m in self.modules():
+            for p in m._parameters.values():
+                p.data = move(p.data)
+                p.grad = None
+            for name, b in list(m._buffers.items()):
+                m._buffers[name] = move(b)
+            m._move_extra(device)
+        return self
+
+    def _move_extra(self, device):
+        """Hook for modules holding other device state (e.g. a GPU random generator)."""
+
+    def float(self):
+        return self.to(dtype=np.float32)
+
+    def double(self):
+        return self.to(dtype=np.float64)
+
+    # --- state ------------------------------------------------------------------
+    def state_dict(self):
+        """Parameters and buffers as NumPy arrays, named and shaped as in PyTorch."""
+        sd = OrderedDict()
+        for mname, m in self.named_modules():
+            for pname, p in m._parameters.items():
+                sd[f"{mname}.{pname}" if mname else pname] = to_numpy(p.data).copy()
+            for bname, b in m._buffers.items():
+                sd[f"{mname}.{bname}" if mname else bname] = to_numpy(b).copy()
+        return sd
+
+    # Entries that may be absent from a state dict being loaded (older PyTorch files).
+    _optional_state = ("num_batches_tracked",)
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays from ``state_dict`` (NumPy, or anything with ``.numpy()``).
+
+        Everything is checked before anything changes: missing, unexpected and
+        mis-shaped entries are all named in one ValueError and the model is
+        left as it was. With ``strict=False`` missing and unexpected keys are
+        ignored (shapes must still match).
+        """
+        targets = {}
+        for mname, m in self.named_modules():
+            for pname, p in m._parameters.items():
+                targets[f"{mname}.{pname}" if mname else pname] = (m, "param", pname, p.data)
+            for bname, b in m._buffers.items():
+                targets[f"{mname}.{bname}" if mname else bname] = (m, "buffer", bname, b)
+
+        def as_numpy(v):
+            if hasattr(v, "detach"):     # a torch tensor, without importing torch
+                v = v.detach().cpu().numpy()
+            return to_numpy(v)
+
+        given = {k: as_numpy(v) for k, v in state_dict.items()}
+        missing = [k for k in targets if k not in given
+                   and not k.rsplit(".", 1)[-1] in self._optional_state]
+        unexpected = [k for k in given if k not in targets]
+        wrong = [f"{k}: expected {_shape_str(targets[k][3].shape)}, got {_shape_str(v.shape)}"
+                 for k, v in given.items() if k in targets and tuple(v.shape) != tuple(targets[k][3].shape)]
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if wrong:
+            problems.append("wrong shapes: " + "; ".join(wrong))
+        if problems:
+            raise ValueError(f"cannot load state dict into {type(self).__name__}: "
+                             + " | ".join(problems) + " (nothing was changed)")
+        device = self.device
+        for k, v in given.items():
+            if k not in targets:
+                continue
+            m, kind, name, old = targets[k]
+            new = to_device(np.array(v, dtype=old.dtype, copy=True), device)
+            if kind == "param":
+                m._parameters[name].data = new
+                m._parameters[name].grad = None
+            else:
+                m._buffers[name] = new
+
+    # --- random state (dropout masks) ---------------------------------------------
+    def rng_states(self):
+        """The state of every random generator in the model, by module name (JSON-able)."""
+        return {name: m.get_rng_state() for name, m in self.named_modules()
+                if hasattr(m, "get_rng_state")}
+
+    def set_rng_states(self, states):
+        """Restore what :meth:`rng_states` returned."""
+        mods = dict(self.named_modules())
+        for name, state in states.items():
+            mods[name].set_rng_state(state)
+
+    # --- printing -----------------------------------------------------------------
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        if self._modules:
+            for name, m in self._modules.items():
+                sub = repr(m).replace("\n", "\n  ")
+                lines.append(f"  ({name}): {sub}")
+            return "\n".join(lines) + "\n)"
+        return lines[0] + ")"
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential takes Modules, got {type(layer).__name__} at position {i}")
+            setattr(self, str(i), layer)
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for layer in self._modules.values():
+            x = layer(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self._modules.values()):
+            dout = layer.backward(dout)
+        return dout
+
+
+def uniform_init(rng, shape, bound, dtype=np.float32):
+    """U(-bound, bound) drawn on the CPU (the same numbers whatever the device)."""
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+

@@ -1,0 +1,64 @@
+"""Adam and AdamW, PyTorch's rules.
+
+For each parameter p with gradient g, at step t (counted per parameter)::
+
+    g = g + weight_decay * p                     (Adam: L2 penalty in the gradient)
+    p = p * (1 - lr * weight_decay)              (AdamW: decoupled decay instead)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g^2
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+import math
+
+from .optimizer import Optimizer
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr)
+        beta1, beta2 = betas
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+
+    @property
+    def betas(self):
+        return (self.beta1, self.beta2)
+
+    def _update(self, p, state):
+        xp = self._xp(p)
+        g = p.grad
+        if self.weight_decay:
+            if self._decoupled:
+                p.data *= 1.0 - self.lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p.data
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p.data)
+            state["exp_avg_sq"] = xp.zeros_like(p.data)
+        state["step"] += 1
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        m *= self.beta1
+        m += (1.0 - self.beta1) * g
+        v *= self.beta2
+        v += (1.0 - self.beta2) * g * g
+        step_size = self.lr / (1.0 - self.beta1 ** t)
+        denom = xp.sqrt(v) / math.sqrt(1.0 - self.beta2 ** t) + self.eps
+        p.data -= step_size * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (default 0.01, as in PyTorch)."""
+    _decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)

@@ -1,0 +1,83 @@
+"""The optimizer base: a list of parameters, per-parameter state, and save/load."""
+import numpy as np
+
+from ..backend import device_of, get_array_module, to_device, to_numpy
+from ..nn.module import Parameter
+
+__all__ = ["Optimizer"]
+
+
+class Optimizer:
+    """Holds ``params`` (a list of :class:`Parameter`) and their state arrays.
+
+    Subclasses implement ``_update(p, state)`` for one parameter whose ``grad``
+    is set; parameters without a gradient are skipped (as in PyTorch).
+    """
+
+    # Hyper-parameters saved in state_dict (subclasses extend).
+    _hyper = ("lr",)
+
+    def __init__(self, params, lr):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("optimizer got an empty parameter list")
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"optimizer expects Parameters (model.parameters()), got "
+                                f"{type(p).__name__} at position {i}")
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        self.lr = float(lr)
+        self.state = [dict() for _ in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        for p, state in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            if p.grad.shape != p.data.shape:
+                raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape {p.data.shape}")
+            self._update(p, state)
+
+    def _update(self, p, state):
+        raise NotImplementedError
+
+    # --- save / load: flat dicts of NumPy arrays (npz-friendly, no pickle) -------
+    def state_dict(self):
+        sd = {f"hyper.{k}": np.asarray(getattr(self, k)) for k in self._hyper}
+        for i, state in enumerate(self.state):
+            for name, v in state.items():
+                sd[f"state.{i}.{name}"] = to_numpy(v).copy() if hasattr(v, "shape") else np.asarray(v)
+        return sd
+
+    def load_state_dict(self, sd):
+        new_state = [dict() for _ in self.params]
+        for key, v in sd.items():
+            parts = key.split(".")
+            if parts[0] == "state" and len(parts) == 3 and parts[1].isdigit():
+                i = int(parts[1])
+                if i >= len(self.params):
+                    raise ValueError(f"optimizer state has entry {key!r} but there are only "
+                                     f"{len(self.params)} parameters")
+                p = self.params[i]
+                v = np.asarray(v)
+                if v.ndim:       # an array slot: must match its parameter
+                    if v.shape != p.data.shape:
+                        raise ValueError(f"optimizer state {key!r} has shape {v.shape}, "
+                                         f"parameter has {p.data.shape}")
+                    v = to_device(v.astype(p.data.dtype), device_of(p.data))
+                else:
+                    v = v.item()
+                new_state[i][parts[2]] = v
+            elif not (parts[0] == "hyper" and len(parts) == 2 and parts[1] in self._hyper):
+                raise ValueError(f"unexpected optimizer state entry {key!r}")
+        for k in self._hyper:
+            if f"hyper.{k}" in sd:
+                setattr(self, k, np.asarray(sd[f"hyper.{k}"]).item())
+        self.state = new_state
+
+    def _xp(self, p):
+        return get_array_module(p.data)
