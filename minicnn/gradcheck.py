@@ -79,21 +79,27 @@ def numerical_gradient(f, x, h=1e-6):
     return grad
 
 
-def _compare_full(analytic, numeric):
+def _compare_full(analytic, numeric, floor):
     xp = get_array_module(analytic)
     if not numeric.size:
         return 0.0, (), 0.0, 0.0
     diff = xp.abs(analytic - numeric)
     # Relative to the largest gradient entry: robust where single entries are near zero.
-    scale = max(float(xp.abs(numeric).max()), float(xp.abs(analytic).max()), 1e-12)
+    scale = max(float(xp.abs(numeric).max()), float(xp.abs(analytic).max()), floor)
     worst = int(diff.argmax())
     idx = tuple(int(i) for i in np.unravel_index(worst, analytic.shape))
     return float(diff.reshape(-1)[worst]) / scale, idx, float(analytic[idx]), float(numeric[idx])
 
 
-def _check_tensor(layer, name, arr, analytic, loss_fn, mode, h, tol, rng):
-    """Compare ``analytic`` with finite differences of ``loss_fn`` w.r.t. ``arr`` (perturbed in place)."""
+def _check_tensor(layer, name, arr, analytic, loss_fn, mode, h, tol, atol, rng):
+    """Compare ``analytic`` with finite differences of ``loss_fn`` w.r.t. ``arr`` (perturbed in place).
+
+    The error is relative to the largest gradient entry, but never to less than
+    ``atol / tol``: a gradient that is zero up to rounding passes when it is
+    within ``atol`` of the numeric one.
+    """
     xp = get_array_module(arr)
+    floor = atol / tol
     t0 = time.perf_counter()
     if analytic is None:
         analytic = xp.zeros_like(arr)        # no gradient produced: it should be zero
@@ -101,7 +107,7 @@ def _check_tensor(layer, name, arr, analytic, loss_fn, mode, h, tol, rng):
         raise ValueError(f"{layer} {name}: gradient has shape {analytic.shape}, tensor has {arr.shape}")
     if mode == "full":
         numeric = numerical_gradient(loss_fn, arr, h)
-        err, idx, a, n = _compare_full(analytic, numeric)
+        err, idx, a, n = _compare_full(analytic, numeric, floor)
     elif mode == "directional":
         d = xp.asarray(rng.standard_normal(arr.shape))
         d /= max(float(xp.sqrt((d * d).sum())), 1e-12)
@@ -113,14 +119,15 @@ def _check_tensor(layer, name, arr, analytic, loss_fn, mode, h, tol, rng):
         arr[...] = saved
         n = (plus - minus) / (2 * h)
         a = float((analytic * d).sum())
-        scale = max(abs(a), abs(n), float(xp.sqrt((analytic * analytic).sum())) * 1e-3, 1e-12)
+        scale = max(abs(a), abs(n), float(xp.sqrt((analytic * analytic).sum())) * 1e-3, floor)
         err, idx = abs(a - n) / scale, ()
     else:
         raise ValueError(f"mode must be 'full' or 'directional', got {mode!r}")
     return CheckResult(layer, name, mode, err, tol, idx, a, n, time.perf_counter() - t0)
 
 
-def check_module(module, x, dout=None, mode="full", h=1e-6, tol=1e-6, seed=0, params=True, name=None):
+def check_module(module, x, dout=None, mode="full", h=1e-6, tol=1e-6, atol=1e-8, seed=0, params=True,
+                 name=None):
     """Check dL/dx and every parameter gradient of ``module`` at input ``x``.
 
     The module runs in whatever mode it is in (train or eval); dropout masks are
@@ -150,17 +157,17 @@ def check_module(module, x, dout=None, mode="full", h=1e-6, tol=1e-6, seed=0, pa
             module.set_rng_states(rng_state)
             return float((module(x) * dout).sum())
 
-        results = [_check_tensor(layer, "input", x, dx, loss, mode, h, tol, rng)]
+        results = [_check_tensor(layer, "input", x, dx, loss, mode, h, tol, atol, rng)]
         if params:
             for pname, p in module.named_parameters():
-                results.append(_check_tensor(layer, pname, p.data, grads[pname], loss, mode, h, tol, rng))
+                results.append(_check_tensor(layer, pname, p.data, grads[pname], loss, mode, h, tol, atol, rng))
     finally:
         module.load_state_dict(saved_state)
         module.set_rng_states(rng_state)
     return results
 
 
-def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, seed=0):
+def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, atol=1e-8, seed=0):
     """Check ``criterion.backward()`` against finite differences of ``criterion.forward``."""
     _require_float64(logits, "the logits")
     logits = logits.copy()
@@ -170,7 +177,7 @@ def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, seed=0)
     def loss():
         return float(criterion.forward(logits, labels))
 
-    return [_check_tensor(type(criterion).__name__, "logits", logits, analytic, loss, mode, h, tol,
+    return [_check_tensor(type(criterion).__name__, "logits", logits, analytic, loss, mode, h, tol, atol,
                           np.random.default_rng(seed))]
 
 

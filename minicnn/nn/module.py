@@ -216,7 +216,8 @@ class Module:
         for m in self.modules():
             for p in m._parameters.values():
                 p.data = move(p.data)
-                p.grad = None
+                if p.grad is not None:
+                    p.grad = move(p.grad)
             for name, b in list(m._buffers.items()):
                 m._buffers[name] = move(b)
             m._move_extra(device)

@@ -1,0 +1,68 @@
+"""Shared fixtures: the array backends every test runs on, and the PyTorch oracle."""
+import numpy as np
+import pytest
+
+from minicnn.backend import gpu_available
+
+try:
+    from hypothesis import settings
+    settings.register_profile("minicnn", deadline=None, max_examples=20, derandomize=True,
+                              print_blob=True)
+    settings.load_profile("minicnn")
+except ImportError:  # pragma: no cover
+    pass
+
+GPU = gpu_available()
+BACKENDS = ["numpy", pytest.param("cupy", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="CuPy with an NVIDIA GPU is not available")])]
+
+
+@pytest.fixture(params=BACKENDS, scope="session")
+def device(request):
+    """'cpu' for the NumPy backend, 'gpu' for CuPy (skipped without a GPU)."""
+    return "cpu" if request.param == "numpy" else "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU:
+        return
+    for item in items:
+        if "gpu" in item.keywords and not any(m.name == "skipif" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.skip(reason="CuPy with an NVIDIA GPU is not available"))
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="PyTorch (the test oracle) is not installed")
+
+
+def torch_emotion_classifier(num_classes=7):
+    """The PyTorch module whose state dict minicnn's EmotionClassifier trades with."""
+    torch = torch_or_skip()
+    nn = torch.nn
+
+    class EmotionClassifier(nn.Module):
+        def __init__(self, num_classes=7):
+            super().__init__()
+
+            def block(i, o):
+                return [nn.Conv2d(i, o, 3, 1, 1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
+            self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), *block(128, 256))
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2304, 512), nn.ReLU(), nn.Dropout(0.5),
+                                            nn.Linear(512, num_classes))
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    return EmotionClassifier(num_classes)
+
+
+def distinct_values(rng, shape, gap=0.05):
+    """Random array whose entries are pairwise at least ``gap`` apart (no max-pool ties)."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n).reshape(shape) - n / 2) * gap
+
+
+def off_kink(rng, shape, margin=0.05):
+    """Random normal values pushed at least ``margin`` away from zero (no ReLU kinks)."""
+    x = rng.standard_normal(shape)
+    return np.where(x >= 0, x + margin, x - margin)

@@ -1,0 +1,74 @@
+"""The vectorised kernels against the naive-loop references (the oracle)."""
+import numpy as np
+from hypothesis import given, strategies as st
+
+from minicnn.kernels import col2im, im2col
+from minicnn.kernels import reference as ref
+from minicnn.nn import Conv2d, MaxPool2d
+
+from conftest import distinct_values
+
+
+@st.composite
+def conv_case(draw):
+    k = draw(st.integers(1, 4))
+    s = draw(st.integers(1, 3))
+    p = draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, k - 2 * p), 9))
+    w = draw(st.integers(max(1, k - 2 * p), 9))
+    return dict(n=draw(st.integers(1, 3)), c=draw(st.integers(1, 3)), oc=draw(st.integers(1, 4)),
+                h=h, w=w, k=k, s=s, p=p, seed=draw(st.integers(0, 2**16)))
+
+
+@given(conv_case())
+def test_col2im_is_the_adjoint_of_im2col(case):
+    """<im2col(x), c> == <x, col2im(c)> for all x, c: col2im is exactly im2col's transpose."""
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"]))
+    col = im2col(x, case["k"], case["k"], case["s"], case["p"])
+    c = rng.standard_normal(col.shape)
+    back = col2im(c, x.shape, case["k"], case["k"], case["s"], case["p"])
+    assert back.shape == x.shape
+    np.testing.assert_allclose((col * c).sum(), (x * back).sum(), rtol=1e-12)
+
+
+@given(conv_case(), st.sampled_from([np.float32, np.float64]))
+def test_conv2d_matches_naive_loops(case, dtype):
+    rng = np.random.default_rng(case["seed"])
+    conv = Conv2d(case["c"], case["oc"], case["k"], case["s"], case["p"], seed=case["seed"]).to(dtype=dtype)
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(dtype)
+    out = conv(x)
+    w, b = conv.weight.data, conv.bias.data
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, ref.conv2d_forward(x, w, b, case["s"], case["p"]), rtol=tol, atol=tol)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx = conv.backward(dout)
+    rdx, rdw, rdb = ref.conv2d_backward(dout, x, w, case["s"], case["p"])
+    np.testing.assert_allclose(dx, rdx, rtol=tol, atol=tol)
+    np.testing.assert_allclose(conv.weight.grad, rdw, rtol=tol, atol=tol)
+    np.testing.assert_allclose(conv.bias.grad, rdb, rtol=tol, atol=tol)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3),
+       st.integers(2, 11), st.integers(2, 11), st.integers(0, 2**16), st.booleans())
+def test_maxpool_matches_naive_loops(n, c, k, s, h, w, seed, with_ties):
+    rng = np.random.default_rng(seed)
+    k = min(k, h, w)
+    if with_ties:   # few distinct values: many ties, gradient must go to the first maximum only
+        x = rng.integers(0, 3, size=(n, c, h, w)).astype(np.float64)
+    else:
+        x = distinct_values(rng, (n, c, h, w))
+    pool = MaxPool2d(k, s)
+    out = pool(x)
+    np.testing.assert_array_equal(out, ref.maxpool2d_forward(x, k, s))
+    dout = rng.standard_normal(out.shape)
+    dx = pool.backward(dout)
+    np.testing.assert_allclose(dx, ref.maxpool2d_backward(dout, x, k, s), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx.sum(), dout.sum(), rtol=1e-10, atol=1e-10)   # gradient conserved
+
+
+def test_maxpool_floor_mode_drops_the_ragged_edge():
+    x = np.arange(5 * 5, dtype=np.float64).reshape(1, 1, 5, 5)
+    out = MaxPool2d(2)(x)
+    assert out.shape == (1, 1, 2, 2)
+    np.testing.assert_array_equal(out[0, 0], [[6, 8], [16, 18]])
