@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from minicnn.backend import gpu_available
+from minicnn.kernels import use_fast_kernels
 
 try:
     from hypothesis import settings
@@ -13,14 +14,22 @@ except ImportError:  # pragma: no cover
     pass
 
 GPU = gpu_available()
-BACKENDS = ["numpy", pytest.param("cupy", marks=[
+# numpy-fast: NumPy with the numba kernels (the default); numpy-plain: the plain array-module
+# path that a learner reads (and CuPy runs); cupy: the GPU.
+BACKENDS = ["numpy-fast", "numpy-plain", pytest.param("cupy", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="CuPy with an NVIDIA GPU is not available")])]
 
 
 @pytest.fixture(params=BACKENDS, scope="session")
 def device(request):
-    """'cpu' for the NumPy backend, 'gpu' for CuPy (skipped without a GPU)."""
-    return "cpu" if request.param == "numpy" else "gpu"
+    """'cpu' for the NumPy backends, 'gpu' for CuPy (skipped without a GPU)."""
+    return "gpu" if request.param == "cupy" else "cpu"
+
+
+def pytest_runtest_setup(item):
+    """Each test runs on the path its backend names; tests without one use the default (fast)."""
+    backend = getattr(getattr(item, "callspec", None), "params", {}).get("device")
+    use_fast_kernels(backend != "numpy-plain")
 
 
 def pytest_collection_modifyitems(config, items):

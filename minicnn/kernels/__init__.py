@@ -1,8 +1,57 @@
 """Array kernels behind the layers.
 
 * :mod:`.reference` -- naive loops, the oracle and the teaching text;
-* :mod:`.im2col` -- vectorised im2col/col2im on the array module (NumPy or CuPy).
+* :mod:`.im2col` -- vectorised im2col/col2im on the array module (NumPy or CuPy): the plain path;
+* :mod:`.cpu` -- numba kernels on channels-last memory: the fast CPU path.
+
+The fast path is on by default for NumPy arrays. Switch it off to run (and
+read) the plain path::
+
+    minicnn.kernels.use_fast_kernels(False)       # or: with fast_kernels(False): ...
+    MINICNN_FAST=0 python train.py                # or from the environment
 """
+import contextlib
+import os
+
 from .im2col import col2im, conv_output_size, im2col
 
-__all__ = ["im2col", "col2im", "conv_output_size"]
+__all__ = ["im2col", "col2im", "conv_output_size", "use_fast_kernels", "fast_kernels",
+           "fast_kernels_enabled", "fast_path", "cpu_kernels"]
+
+_enabled = os.environ.get("MINICNN_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
+_cpu = None
+
+
+def use_fast_kernels(enabled=True):
+    """Turn the numba CPU path on or off for NumPy arrays; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def fast_kernels(enabled=True):
+    """``with fast_kernels(False): ...`` runs the block on the plain path."""
+    previous = use_fast_kernels(enabled)
+    try:
+        yield
+    finally:
+        use_fast_kernels(previous)
+
+
+def fast_kernels_enabled():
+    return _enabled
+
+
+def cpu_kernels():
+    """The numba kernel module (imported, and compiled from cache, on first use)."""
+    global _cpu
+    if _cpu is None:
+        from . import cpu
+        _cpu = cpu
+    return _cpu
+
+
+def fast_path(x):
+    """True when ``x`` should take the fast CPU path: a NumPy float array with the fast path on."""
+    return _enabled and type(x).__module__ == "numpy" and x.dtype.kind == "f"

@@ -43,8 +43,9 @@ class EmotionClassifier(Module):
         check_input(self, x, ("N",) + self.input_shape, self.dtype)
         return self.classifier(self.features(x))
 
-    def backward(self, dlogits):
-        return self.features.backward(self.classifier.backward(dlogits))
+    def backward(self, dlogits, input_grad=True):
+        """Fill every parameter's gradient; return dL/dx (skipped, None, if ``input_grad`` is False)."""
+        return self.features.backward(self.classifier.backward(dlogits), input_grad=input_grad)
 
     def summary(self, batch_size=None, file=None):
         """Print (and return) a table of each layer's output shape and parameter count."""

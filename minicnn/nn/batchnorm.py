@@ -16,10 +16,16 @@ docs or CS231n for the derivation). In eval mode mu and var are the running
 statistics, constants, so dL/dx = g * gamma / sqrt(running_var + eps).
 Running statistics follow PyTorch: running = (1 - momentum) * running +
 momentum * batch, with the *unbiased* batch variance (divided by M - 1).
+
+The fast CPU path computes the same thing on channels-last memory in two
+numba passes each way: forward (one-pass shifted float64 moments, then
+out = x * scale + shift) and backward (the two sums, then dL/dx as one
+per-channel affine function of g and x).
 """
 import numpy as np
 
 from ..backend import get_array_module
+from ..kernels import cpu_kernels, fast_path
 from .module import Module, Parameter, check_input
 
 __all__ = ["BatchNorm2d"]
@@ -48,10 +54,12 @@ class BatchNorm2d(Module):
         xp = get_array_module(x)
         c = self.num_features
         m = x.shape[0] * x.shape[2] * x.shape[3]
+        if self.training and m < 2:
+            raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
+                             f"got input of shape {tuple(x.shape)}")
+        if fast_path(x):
+            return self._forward_fast(x, m)
         if self.training:
-            if m < 2:
-                raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
-                                 f"got input of shape {tuple(x.shape)}")
             mu = x.mean(axis=(0, 2, 3))
             var = ((x - mu.reshape(1, c, 1, 1)) ** 2).mean(axis=(0, 2, 3))   # two-pass: stable
             self._update_running(mu, var * (m / (m - 1)))
@@ -60,7 +68,7 @@ class BatchNorm2d(Module):
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
         out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
-        self._cache = (xhat, inv_std, self.training)
+        self._cache = ("plain", xhat, inv_std, self.training)
         return out
 
     def _update_running(self, mu, unbiased_var):
@@ -71,7 +79,10 @@ class BatchNorm2d(Module):
         self.set_buffer("running_var", (1 - f) * self.running_var + f * unbiased_var)
 
     def backward(self, dout):
-        xhat, inv_std, training = self._saved()
+        cache = self._saved()
+        if cache[0] == "fast":
+            return self._backward_fast(dout)
+        _, xhat, inv_std, training = cache
         self._check_dout(dout, xhat.shape)
         c = self.num_features
         axes = (0, 2, 3)
@@ -84,3 +95,45 @@ class BatchNorm2d(Module):
             return dout * scale
         m = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
         return scale * (dout - (sum_g.reshape(1, c, 1, 1) + xhat * sum_g_xhat.reshape(1, c, 1, 1)) / m)
+
+    # --- the fast CPU path: channels-last memory, numba passes ------------------------------
+    def _forward_fast(self, x, m):
+        cpu = cpu_kernels()
+        x_nhwc = cpu.nhwc(x)
+        x2 = x_nhwc.reshape(-1, self.num_features)                  # (M, C)
+        if self.training:
+            shift = x2[0].astype(np.float64)
+            s1, s2 = cpu.channel_moments(x2, shift)
+            mean = shift + s1 / m
+            var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
+            self._update_running(mean.astype(x.dtype), (var * (m / (m - 1))).astype(x.dtype))
+        else:
+            mean = self.running_mean.astype(np.float64)
+            var = self.running_var.astype(np.float64)
+        inv_std = 1.0 / np.sqrt(var + self.eps)
+        scale = self.weight.data * inv_std                              # out = x * scale + shift
+        shift = self.bias.data - mean * scale
+        out = cpu.affine_channels(x2, scale.astype(x.dtype), shift.astype(x.dtype), np.empty_like(x2))
+        self._cache = ("fast", x2, mean, inv_std, self.training, x.shape, x_nhwc.shape)
+        return cpu.from_nhwc(out.reshape(x_nhwc.shape))
+
+    def _backward_fast(self, dout):
+        cpu = cpu_kernels()
+        _, x2, mean, inv_std, training, x_shape, nhwc_shape = self._cache
+        self._check_dout(dout, x_shape)
+        g2 = cpu.nhwc(dout).reshape(-1, self.num_features)
+        m = x2.shape[0]
+        sum_g, sum_g_xc = cpu.channel_grad_sums(g2, x2, mean)          # sum(g), sum(g * (x - mean))
+        sum_g_xhat = sum_g_xc * inv_std
+        self.bias.accumulate_grad(sum_g.astype(x2.dtype))
+        self.weight.accumulate_grad(sum_g_xhat.astype(x2.dtype))
+        scale = self.weight.data * inv_std
+        if training:   # dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M) = a*g + b*x + c0
+            b = -scale * inv_std * sum_g_xhat / m
+            c0 = -scale * sum_g / m - b * mean
+        else:          # dx = scale * g
+            b = np.zeros_like(scale)
+            c0 = np.zeros_like(scale)
+        dt = x2.dtype
+        dx = cpu.affine_channels_2(g2, x2, scale.astype(dt), b.astype(dt), c0.astype(dt), np.empty_like(x2))
+        return cpu.from_nhwc(dx.reshape(nhwc_shape))

@@ -11,12 +11,17 @@ Backward, with ``d`` = dL/d(out) laid out as (N*OH*OW, OC)::
     dL/dWm  = d.T @ col                  (each weight sees every window it touched)
     dL/dcol = d @ Wm                     -> dL/dx = col2im(dL/dcol)
 
-The slow loop version is :func:`minicnn.kernels.reference.conv2d_forward`.
+The slow loop version is :func:`minicnn.kernels.reference.conv2d_forward`;
+``_forward_fast``/``_backward_fast`` are the same equations on channels-last
+memory with numba's im2col (see :mod:`minicnn.kernels.cpu`).
 """
 import math
 
+import numpy as np
+
 from ..backend import get_array_module
 from .. import rng as _rng
+from ..kernels import cpu_kernels, fast_path
 from ..kernels.im2col import col2im, conv_output_size, im2col
 from .module import Module, Parameter, check_input, uniform_init
 
@@ -69,6 +74,8 @@ class Conv2d(Module):
         if oh < 1 or ow < 1:
             raise ValueError(f"Conv2d input of spatial size {tuple(x.shape[2:])} is smaller than the "
                              f"kernel ({k}x{k}) with padding {p}")
+        if fast_path(x):
+            return self._forward_fast(x, oh, ow)
         xp = get_array_module(x)
         col = im2col(x, k, k, s, p)                                   # (N*OH*OW, C*K*K)
         w_mat = self.weight.data.reshape(self.out_channels, -1)       # (OC, C*K*K)
@@ -76,17 +83,64 @@ class Conv2d(Module):
         if self.bias is not None:
             out += self.bias.data
         out = xp.ascontiguousarray(out.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2))
-        self._cache = (x.shape, col, out.shape)
+        self._cache = ("plain", x.shape, col, out.shape)
         return out
 
-    def backward(self, dout):
-        x_shape, col, out_shape = self._saved()
-        self._check_dout(dout, out_shape)
+    def backward(self, dout, input_grad=True):
+        """dL/dx (None when ``input_grad`` is False: the first layer of a network needs none)."""
+        cache = self._saved()
+        self._check_dout(dout, cache[-1])
+        if cache[0] == "fast":
+            return self._backward_fast(dout, input_grad)
+        _, x_shape, col, out_shape = cache
         k, s, p = self.kernel_size, self.stride, self.padding
         d = dout.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)   # (N*OH*OW, OC)
         w_mat = self.weight.data.reshape(self.out_channels, -1)
         if self.bias is not None:
             self.bias.accumulate_grad(d.sum(axis=0))
         self.weight.accumulate_grad((d.T @ col).reshape(self.weight.shape))
+        if not input_grad:
+            return None
         dcol = d @ w_mat                                               # (N*OH*OW, C*K*K)
         return col2im(dcol, x_shape, k, k, s, p)
+
+    def backward_params(self, dout):
+        return self.backward(dout, input_grad=False)
+
+    # --- the fast CPU path: channels-last memory, numba im2col/col2im --------------------
+    def _buffer(self, name, shape, dtype):
+        """A work array kept between steps (reallocated only when the shape changes)."""
+        buf = self.__dict__.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = np.empty(shape, dtype=dtype)
+            object.__setattr__(self, name, buf)
+        return buf
+
+    def _forward_fast(self, x, oh, ow):
+        cpu = cpu_kernels()
+        k, s, p, c, oc = self.kernel_size, self.stride, self.padding, self.in_channels, self.out_channels
+        x_nhwc = cpu.nhwc(x)                                          # (N, H, W, C)
+        n = x.shape[0]
+        col = cpu.im2col_nhwc(x_nhwc, k, s, p, oh, ow, self._buffer("_col", (n * oh * ow, k * k * c), x.dtype))
+        w_col = self.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, oc)   # rows ordered (i, j, c)
+        out = col @ w_col                                             # (N*OH*OW, OC) = NHWC output
+        if self.bias is not None:
+            cpu.add_row(out, self.bias.data)
+        out = out.reshape(n, oh, ow, oc)
+        self._cache = ("fast", x_nhwc.shape, col, w_col, (n, oc, oh, ow))
+        return cpu.from_nhwc(out)
+
+    def _backward_fast(self, dout, input_grad):
+        cpu = cpu_kernels()
+        _, x_shape, col, w_col, (n, oc, oh, ow) = self._cache
+        k, s, p = self.kernel_size, self.stride, self.padding
+        d = cpu.nhwc(dout).reshape(-1, oc)                            # (N*OH*OW, OC)
+        if self.bias is not None:
+            self.bias.accumulate_grad(cpu.column_sums(d).astype(d.dtype))
+        dw = (col.T @ d).reshape(k, k, self.in_channels, oc)          # (i, j, c, OC)
+        self.weight.accumulate_grad(np.ascontiguousarray(dw.transpose(3, 2, 0, 1)))
+        if not input_grad:
+            return None
+        dcol = np.matmul(d, w_col.T, out=self._buffer("_dcol", col.shape, col.dtype))
+        dx = cpu.col2im_nhwc(dcol, k, s, p, oh, ow, np.empty(x_shape, dtype=dout.dtype))
+        return cpu.from_nhwc(dx)

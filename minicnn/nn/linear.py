@@ -55,10 +55,13 @@ class Linear(Module):
         self._cache = (x, out.shape)
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad=True):
         x, out_shape = self._saved()
         self._check_dout(dout, out_shape)
         self.weight.accumulate_grad(dout.T @ x)
         if self.bias is not None:
             self.bias.accumulate_grad(dout.sum(axis=0))
-        return dout @ self.weight.data
+        return dout @ self.weight.data if input_grad else None
+
+    def backward_params(self, dout):
+        self.backward(dout, input_grad=False)

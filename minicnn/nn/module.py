@@ -133,6 +133,13 @@ class Module:
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} does not define backward()")
 
+    def backward_params(self, dout):
+        """Fill parameter gradients only; the first layer of a network needs no dL/dx.
+
+        Layers that can skip the input gradient's work (Conv2d, Linear) override this.
+        """
+        self.backward(dout)
+
     def __call__(self, x):
         return self.forward(x)
 
@@ -344,10 +351,17 @@ class Sequential(Module):
             x = layer(x)
         return x
 
-    def backward(self, dout):
-        for layer in reversed(self._modules.values()):
+    def backward(self, dout, input_grad=True):
+        """Backward through the layers in reverse; ``input_grad=False`` skips dL/dx of the first."""
+        layers = list(self._modules.values())
+        for layer in reversed(layers[1:]):
             dout = layer.backward(dout)
-        return dout
+        if not layers:
+            return dout
+        if input_grad:
+            return layers[0].backward(dout)
+        layers[0].backward_params(dout)
+        return None
 
 
 def uniform_init(rng, shape, bound, dtype=np.float32):

@@ -8,9 +8,14 @@ so the total gradient is conserved. Output size is floor((H - k) / stride) + 1
 
 Vectorised by gathering the k*k strided views of the input (one per window
 offset), taking the argmax across them, and in backward scattering the
-gradient back through the same views.
+gradient back through the same views. The fast CPU path (non-overlapping
+windows, stride == kernel) does both in one numba pass on channels-last
+memory, keeping the argmax as one byte per output.
 """
+import numpy as np
+
 from ..backend import get_array_module
+from ..kernels import cpu_kernels, fast_path
 from ..kernels.im2col import conv_output_size
 from .module import Module, check_input
 
@@ -46,14 +51,19 @@ class MaxPool2d(Module):
         if oh < 1 or ow < 1:
             raise ValueError(f"MaxPool2d input of spatial size {tuple(x.shape[2:])} is smaller than "
                              f"the kernel ({self.kernel_size}x{self.kernel_size})")
+        if fast_path(x) and self.stride == self.kernel_size and self.kernel_size <= 16:
+            return self._forward_fast(x, oh, ow)
         windows = xp.stack(self._views(x, oh, ow))          # (k*k, N, C, OH, OW)
         argmax = windows.argmax(axis=0)                      # first maximum wins ties
         out = xp.take_along_axis(windows, argmax[None], axis=0)[0]
-        self._cache = (x.shape, x.dtype, argmax)
+        self._cache = ("plain", x.shape, argmax)
         return out
 
     def backward(self, dout):
-        x_shape, dtype, argmax = self._saved()
+        cache = self._saved()
+        if cache[0] == "fast":
+            return self._backward_fast(dout)
+        _, x_shape, argmax = cache
         self._check_dout(dout, argmax.shape)
         xp = get_array_module(dout)
         dx = xp.zeros(x_shape, dtype=dout.dtype)
@@ -61,3 +71,21 @@ class MaxPool2d(Module):
         for idx, view in enumerate(self._views(dx, oh, ow)):
             view += dout * (argmax == idx)                   # writes through the view into dx
         return dx
+
+    # --- the fast CPU path: non-overlapping windows on channels-last memory ----------------
+    def _forward_fast(self, x, oh, ow):
+        cpu = cpu_kernels()
+        x_nhwc = cpu.nhwc(x)
+        n, _, _, c = x_nhwc.shape
+        out = np.empty((n, oh, ow, c), dtype=x.dtype)
+        arg = np.empty((n, oh, ow, c), dtype=np.uint8)       # i*k + j of each window's maximum
+        cpu.maxpool_forward(x_nhwc, self.kernel_size, out, arg)
+        self._cache = ("fast", x_nhwc.shape, arg, (n, c, oh, ow))
+        return cpu.from_nhwc(out)
+
+    def _backward_fast(self, dout):
+        cpu = cpu_kernels()
+        _, x_shape, arg, out_shape = self._cache
+        self._check_dout(dout, out_shape)
+        dx = cpu.maxpool_backward(cpu.nhwc(dout), arg, self.kernel_size, np.empty(x_shape, dtype=dout.dtype))
+        return cpu.from_nhwc(dx)

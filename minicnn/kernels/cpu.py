@@ -1,0 +1,266 @@
+"""The fast CPU path: numba kernels on channels-last (NHWC) memory.
+
+The plain layers work on (N, C, H, W) arrays with NumPy. This module is the
+same math, reorganised for speed on a CPU:
+
+* **channels-last memory.** An activation lives in memory as (N, H, W, C) and is
+  handed between layers as an (N, C, H, W) *view* of that memory
+  (``a.transpose(0, 3, 1, 2)``), so the public shapes never change. With the
+  channels last, im2col's rows are contiguous runs of C values and one GEMM
+  ``col @ W`` gives the next layer's NHWC output with no transpose.
+* **numba** (``@njit(parallel=True)``) for everything that is not a matrix
+  product: im2col, col2im as a gather (each input pixel sums the window
+  positions that saw it: no atomics, no ``np.add.at``), BatchNorm statistics
+  and its backward, ReLU, 2x2 max-pooling with a one-byte argmax, and the
+  optimizer update. Matrix products stay with NumPy's BLAS, never inside
+  ``prange``.
+
+Every kernel here is tested against the plain path and the naive loops in
+:mod:`minicnn.kernels.reference`.
+"""
+import os
+
+# numba's OpenMP workers must sleep, not spin, after a parallel region, or they
+# steal the cores from the BLAS threads of the matrix product that follows.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+__all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "col2im_nhwc", "channel_moments", "channel_grad_sums", "column_sums", "add_row", "affine_channels",
+           "affine_channels_2", "relu_forward", "relu_backward", "maxpool_forward", "maxpool_backward",
+           "sgd_momentum_update"]
+
+_opts = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+
+
+def nhwc(a):
+    """The (N, H, W, C) C-contiguous array behind an (N, C, H, W) array (copied only if needed)."""
+    t = a.transpose(0, 2, 3, 1)
+    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
+
+
+def from_nhwc(a):
+    """(N, H, W, C) memory seen as (N, C, H, W): the layout layers hand to each other."""
+    return a.transpose(0, 3, 1, 2)
+
+
+@njit(**_opts)
+def im2col_nhwc(x, k, s, p, oh, ow, col):
+    """col[(n, y, x), (i, j, c)] = x_pad[n, y*s + i, x*s + j, c] (zero outside the image)."""
+    n, h, w, c = x.shape
+    for r in prange(n * oh):
+        ni, y = r // oh, r % oh
+        for xo in range(ow):
+            row = r * ow + xo
+            for i in range(k):
+                yy = y * s + i - p
+                for j in range(k):
+                    xx = xo * s + j - p
+                    base = (i * k + j) * c
+                    if 0 <= yy < h and 0 <= xx < w:
+                        for ci in range(c):
+                            col[row, base + ci] = x[ni, yy, xx, ci]
+                    else:
+                        for ci in range(c):
+                            col[row, base + ci] = 0
+    return col
+
+
+@njit(**_opts)
+def col2im_nhwc(dcol, k, s, p, oh, ow, dx):
+    """Adjoint of im2col as a gather: dx[n, y, x, c] = sum of the dcol entries that came from it."""
+    n, h, w, c = dx.shape
+    for r in prange(n * h):
+        ni, yy = r // h, r % h
+        for xx in range(w):
+            for ci in range(c):
+                dx[ni, yy, xx, ci] = 0
+            for i in range(k):
+                t = yy + p - i
+                if t < 0 or t % s != 0 or t // s >= oh:
+                    continue
+                y = t // s
+                for j in range(k):
+                    u = xx + p - j
+                    if u < 0 or u % s != 0 or u // s >= ow:
+                        continue
+                    row = (ni * oh + y) * ow + u // s
+                    base = (i * k + j) * c
+                    for ci in range(c):
+                        dx[ni, yy, xx, ci] += dcol[row, base + ci]
+    return dx
+
+
+@njit(**_opts)
+def channel_moments(x, shift):
+    """Per column of an (M, C) matrix, in float64: sum(x - shift) and sum((x - shift)^2).
+
+    Shifting by a value near the mean (the first row) keeps the one-pass
+    variance E[(x-K)^2] - E[x-K]^2 accurate; float64 sums keep it exact enough.
+    """
+    m, c = x.shape
+    chunks = min(m, 256)
+    part1 = np.zeros((chunks, c))
+    part2 = np.zeros((chunks, c))
+    for t in prange(chunks):
+        lo, hi = t * m // chunks, (t + 1) * m // chunks
+        s1 = np.zeros(c)
+        s2 = np.zeros(c)
+        for r in range(lo, hi):
+            for ci in range(c):
+                d = x[r, ci] - shift[ci]
+                s1[ci] += d
+                s2[ci] += d * d
+        part1[t] = s1
+        part2[t] = s2
+    return part1.sum(axis=0), part2.sum(axis=0)
+
+
+@njit(**_opts)
+def channel_grad_sums(g, x, mean):
+    """Per column of (M, C) matrices, in float64: sum(g) and sum(g * (x - mean)) (BatchNorm backward)."""
+    m, c = x.shape
+    chunks = min(m, 256)
+    part1 = np.zeros((chunks, c))
+    part2 = np.zeros((chunks, c))
+    for t in prange(chunks):
+        lo, hi = t * m // chunks, (t + 1) * m // chunks
+        s1 = np.zeros(c)
+        s2 = np.zeros(c)
+        for r in range(lo, hi):
+            for ci in range(c):
+                gv = g[r, ci]
+                s1[ci] += gv
+                s2[ci] += gv * (x[r, ci] - mean[ci])
+        part1[t] = s1
+        part2[t] = s2
+    return part1.sum(axis=0), part2.sum(axis=0)
+
+
+@njit(**_opts)
+def column_sums(a):
+    """Sum of each column of an (M, C) matrix, accumulated in float64 (a bias gradient)."""
+    m, c = a.shape
+    chunks = min(m, 256)
+    part = np.zeros((chunks, c))
+    for t in prange(chunks):
+        lo, hi = t * m // chunks, (t + 1) * m // chunks
+        s = np.zeros(c)
+        for r in range(lo, hi):
+            for ci in range(c):
+                s[ci] += a[r, ci]
+        part[t] = s
+    return part.sum(axis=0)
+
+
+@njit(**_opts)
+def add_row(a, b):
+    """a[r, :] += b for every row, in place (a bias)."""
+    m, c = a.shape
+    for r in prange(m):
+        for ci in range(c):
+            a[r, ci] += b[ci]
+    return a
+
+
+@njit(**_opts)
+def affine_channels(x, scale, shift, out):
+    """out[r, c] = x[r, c] * scale[c] + shift[c] (BatchNorm's normalise-and-scale in one pass)."""
+    m, c = x.shape
+    for r in prange(m):
+        for ci in range(c):
+            out[r, ci] = x[r, ci] * scale[ci] + shift[ci]
+    return out
+
+
+@njit(**_opts)
+def affine_channels_2(g, x, a, b, c0, out):
+    """out[r, c] = a[c] * g[r, c] + b[c] * x[r, c] + c0[c] (BatchNorm's backward in one pass)."""
+    m, c = x.shape
+    for r in prange(m):
+        for ci in range(c):
+            out[r, ci] = a[ci] * g[r, ci] + b[ci] * x[r, ci] + c0[ci]
+    return out
+
+
+@njit(**_opts)
+def relu_forward(x, out):
+    """out = max(x, 0) on flat arrays."""
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = v if v > 0 else 0
+    return out
+
+
+@njit(**_opts)
+def relu_backward(g, y, out):
+    """out = g where the ReLU's output y > 0, else 0 (flat arrays)."""
+    for i in prange(g.size):
+        out[i] = g[i] if y[i] > 0 else 0
+    return out
+
+
+@njit(**_opts)
+def maxpool_forward(x, k, out, arg):
+    """Non-overlapping k x k max-pool on NHWC; arg[n, y, x, c] = i*k + j of the first maximum.
+
+    The loop over channels is innermost, so each comparison runs across C
+    contiguous values (SIMD); strict ">" keeps the first maximum on ties, and
+    a NaN wins as in PyTorch.
+    """
+    n, oh, ow, c = out.shape
+    for r in prange(n * oh):
+        ni, y = r // oh, r % oh
+        for xo in range(ow):
+            o = out[ni, y, xo]
+            a = arg[ni, y, xo]
+            src = x[ni, y * k, xo * k]
+            for ci in range(c):
+                o[ci] = src[ci]
+                a[ci] = 0
+            for i in range(k):
+                for j in range(k):
+                    if i == 0 and j == 0:
+                        continue
+                    src = x[ni, y * k + i, xo * k + j]
+                    pos = i * k + j
+                    for ci in range(c):
+                        v = src[ci]
+                        if v > o[ci] or (v != v and o[ci] == o[ci]):
+                            o[ci] = v
+                            a[ci] = pos
+    return out
+
+
+@njit(**_opts)
+def maxpool_backward(g, arg, k, dx):
+    """Each window's gradient to its argmax, zero elsewhere (including a ragged floor-mode edge)."""
+    n, h, w, c = dx.shape
+    _, oh, ow, _ = g.shape
+    for r in prange(n * h):
+        ni, yy = r // h, r % h
+        y, i = yy // k, yy % k
+        for xx in range(w):
+            xo, j = xx // k, xx % k
+            if y >= oh or xo >= ow:
+                for ci in range(c):
+                    dx[ni, yy, xx, ci] = 0
+                continue
+            pos = i * k + j
+            for ci in range(c):
+                dx[ni, yy, xx, ci] = g[ni, y, xo, ci] if arg[ni, y, xo, ci] == pos else 0
+    return dx
+
+
+@njit(**_opts)
+def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """PyTorch's SGD step for one flat parameter, in one pass (see minicnn.optim.sgd)."""
+    for i in prange(p.size):
+        gi = g[i] + weight_decay * p[i]
+        if first:
+            b = gi
+        else:
+            b = momentum * buf[i] + (1 - dampening) * gi
+        buf[i] = b
+        p[i] -= lr * (gi + momentum * b if nesterov else b)
