@@ -1,0 +1,1 @@
+"""Benchmarks: minicnn against PyTorch on the same machine (``python -m benchmarks``)."""

@@ -1,0 +1,433 @@
+"""minicnn against PyTorch, side by side, in one process.
+
+    python -m benchmarks                 # full run: batch 64 and 128, layers too (a few minutes)
+    python -m benchmarks --quick         # under a minute
+    python -m benchmarks --batch-sizes 64 256 1024 --repeats 20
+
+Times the EmotionClassifier's training step (forward, loss, backward, SGD
+momentum update) and inference (eval-mode forward) for every backend that is
+available: minicnn's plain path, its fast CPU path, CuPy (with a GPU), PyTorch
+CPU (NCHW and channels_last) and PyTorch CUDA. Backends run interleaved, one
+step each in turn, so drift in the machine's speed hits all alike; the table
+quotes medians after warm-up, ratios to PyTorch, and the fraction of the GEMM
+bound (the step's FLOPs at the sgemm rate measured in the same run). Writes
+``results/benchmark-<date>.json``, ``results/latest.json`` and a PNG chart.
+"""
+import os
+
+# Before NumPy loads (see minicnn/__init__.py): keep OpenBLAS threads from spinning.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import minicnn  # noqa: E402
+from minicnn.backend import gpu_available, to_device  # noqa: E402
+from minicnn.kernels import fast_kernels  # noqa: E402
+from minicnn.models import EmotionClassifier  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Multiply-accumulates per image of the forward pass, layer by layer.
+_FWD_MACS = {
+    "conv1": 48 * 48 * 32 * 9 * 1, "conv2": 24 * 24 * 64 * 9 * 32, "conv3": 12 * 12 * 128 * 9 * 64,
+    "conv4": 6 * 6 * 256 * 9 * 128, "fc1": 2304 * 512, "fc2": 512 * 7,
+}
+FORWARD_FLOP = 2 * sum(_FWD_MACS.values())
+# Backward: dW costs as much as the forward; dX too, except for the first layer (not needed).
+TRAIN_FLOP = 3 * FORWARD_FLOP - 2 * 2 * _FWD_MACS["conv1"]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# --- backends ----------------------------------------------------------------------------
+
+class Backend:
+    """A way to run the network: ``prepare(batch)`` returns (train_step, infer) callables."""
+    name = "?"
+
+    def available(self):
+        return True
+
+    def sync(self):
+        pass
+
+
+class MinicnnBackend(Backend):
+    def __init__(self, name, device, fast):
+        self.name, self.device, self.fast = name, device, fast
+
+    def available(self):
+        return self.device == "cpu" or gpu_available()
+
+    def sync(self):
+        if self.device == "gpu":
+            import cupy
+            cupy.cuda.Device().synchronize()
+
+    def prepare(self, batch, seed=0):
+        minicnn.manual_seed(seed)
+        model = EmotionClassifier().to(self.device)
+        crit = minicnn.nn.CrossEntropyLoss()
+        opt = minicnn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        rng = np.random.default_rng(seed)
+        x = to_device(rng.standard_normal((batch, 1, 48, 48)).astype(np.float32), self.device)
+        y = rng.integers(0, 7, batch)
+
+        def train_step():
+            with fast_kernels(self.fast):
+                model.train()
+                crit.forward(model(x), y)
+                model.backward(crit.backward(), input_grad=False)
+                opt.step()
+                opt.zero_grad()
+
+        def infer():
+            with fast_kernels(self.fast):
+                model.eval()
+                return model(x)
+
+        return train_step, infer
+
+
+class TorchBackend(Backend):
+    def __init__(self, name, device, channels_last):
+        self.name, self.device, self.channels_last = name, device, channels_last
+
+    def available(self):
+        torch = _torch()
+        return torch is not None and (self.device == "cpu" or torch.cuda.is_available())
+
+    def sync(self):
+        if self.device == "cuda":
+            _torch().cuda.synchronize()
+
+    def prepare(self, batch, seed=0):
+        torch = _torch()
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from conftest import torch_emotion_classifier
+        torch.manual_seed(seed)
+        model = torch_emotion_classifier().to(self.device)
+        x = torch.randn(batch, 1, 48, 48, device=self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 7, (batch,), device=self.device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def train_step():
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        def infer():
+            model.eval()
+            with torch.no_grad():
+                return model(x)
+
+        return train_step, infer
+
+
+def all_backends():
+    return [
+        MinicnnBackend("minicnn-plain", "cpu", fast=False),
+        MinicnnBackend("minicnn-fast", "cpu", fast=True),
+        MinicnnBackend("minicnn-cupy", "gpu", fast=False),
+        TorchBackend("torch-cpu", "cpu", channels_last=False),
+        TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
+        TorchBackend("torch-cuda", "cuda", channels_last=False),
+    ]
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+def sgemm_rate(n=2048, repeats=5):
+    """float32 GEMM rate of NumPy's BLAS on this machine, GFLOP/s (median)."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def time_interleaved(jobs, warmup, repeats):
+    """jobs: {key: (fn, sync)}; run each once per round, in turn; return {key: [seconds]}."""
+    for fn, sync in jobs.values():
+        for _ in range(warmup):
+            fn()
+        sync()
+    times = {k: [] for k in jobs}
+    for _ in range(repeats):
+        for key, (fn, sync) in jobs.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory_mb(backend_name, batch, steps=3):
+    """Extra resident memory (MB) a training step needs at its peak, in a fresh process."""
+    code = (f"import benchmarks.run as r, resource\n"
+            f"b = [b for b in r.all_backends() if b.name == {backend_name!r}][0]\n"
+            f"step, _ = b.prepare({batch})\n"
+            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"for _ in range({steps}): step()\n"
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def cold_start_seconds():
+    """Seconds for a fresh process to import minicnn and run its first fast training step (numba cache warm)."""
+    code = ("import time; t = time.perf_counter()\n"
+            "import benchmarks.run as r\n"
+            "step, _ = [b for b in r.all_backends() if b.name == 'minicnn-fast'][0].prepare(8)\n"
+            "step(); print(time.perf_counter() - t)\n")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def layer_benchmarks(batch, warmup, repeats, backends):
+    """Forward and backward of each layer of the network at its real input shape."""
+    from minicnn import nn
+    torch = _torch()
+    shapes = [("conv1", (1, 48), lambda m: m.Conv2d(1, 32, 3, 1, 1)),
+              ("bn1", (32, 48), lambda m: m.BatchNorm2d(32)), ("relu1", (32, 48), lambda m: m.ReLU()),
+              ("pool1", (32, 48), lambda m: m.MaxPool2d(2)),
+              ("conv2", (32, 24), lambda m: m.Conv2d(32, 64, 3, 1, 1)),
+              ("conv3", (64, 12), lambda m: m.Conv2d(64, 128, 3, 1, 1)),
+              ("conv4", (128, 6), lambda m: m.Conv2d(128, 256, 3, 1, 1)),
+              ("fc1", (2304, None), lambda m: m.Linear(2304, 512))]
+    rows = []
+    rng = np.random.default_rng(0)
+    for lname, (c, hw), make in shapes:
+        shape = (batch, c) if hw is None else (batch, c, hw, hw)
+        x = rng.standard_normal(shape).astype(np.float32)
+        jobs = {}
+        for b in backends:
+            if isinstance(b, MinicnnBackend) and b.device == "cpu":
+                layer = make(nn)
+                if b.fast and len(shape) == 4:     # hand the layer channels-last memory, as in the model
+                    xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+                else:
+                    xin = x
+
+                def fwd(layer=layer, xin=xin, fast=b.fast):
+                    with fast_kernels(fast):
+                        return layer(xin)
+                out = fwd()
+                g = np.ones_like(out)
+
+                def bwd(layer=layer, g=g, fast=b.fast, fwd=fwd):
+                    with fast_kernels(fast):
+                        layer.backward(g)
+                jobs[(b.name, "forward")] = (fwd, b.sync)
+                jobs[(b.name, "backward")] = (bwd, b.sync)
+            elif isinstance(b, TorchBackend) and b.device == "cpu":
+                tlayer = make(torch.nn)
+                tx = torch.from_numpy(x)
+                if b.channels_last and len(shape) == 4:
+                    tx = tx.contiguous(memory_format=torch.channels_last)
+                    tlayer = tlayer.to(memory_format=torch.channels_last)
+                tx.requires_grad_(True)
+
+                def tfwd(tlayer=tlayer, tx=tx):
+                    with torch.no_grad():
+                        return tlayer(tx)
+
+                def tbwd(tlayer=tlayer, tx=tx):     # forward with autograd, then backward
+                    out = tlayer(tx)
+                    out.backward(torch.ones_like(out))
+                jobs[(b.name, "forward")] = (tfwd, b.sync)
+                jobs[(b.name, "forward+backward")] = (tbwd, b.sync)
+        times = time_interleaved(jobs, warmup, repeats)
+        for (bname, what), ts in times.items():
+            rows.append(dict(layer=lname, backend=bname, what=what, batch=batch,
+                             median_ms=1e3 * float(np.median(ts))))
+    return rows
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def format_table(results, gemm):
+    def ratio(v):
+        return f"{v:.2f}x" if v else "-"
+
+    lines = [f"{'batch':>5}  {'what':<6} {'backend':<15}{'median ms':>10}{'images/s':>10}"
+             f"{'vs torch':>10}{'vs torch-cl':>12}{'GEMM bound':>11}"]
+    for r in results:
+        frac = f"{r['gemm_frac']:.0%}" if r.get("gemm_frac") else "-"
+        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<15}{r['median_ms']:>10.1f}"
+                     f"{r['images_per_s']:>10.0f}{ratio(r.get('ratio_torch_cpu')):>10}"
+                     f"{ratio(r.get('ratio_torch_cpu_cl')):>12}{frac:>11}")
+    lines.append(f"(ratio = median time / PyTorch CPU's median time in the same run: below 1 is faster;"
+                 f" GEMM bound = time the step's FLOPs take at the sgemm rate measured in this run,"
+                 f" {gemm:.0f} GFLOP/s, over the step's time)")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    whats = ["train", "infer"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, what in zip(axes, whats):
+        rows = [r for r in results if r["what"] == what]
+        batches = sorted({r["batch"] for r in rows})
+        names = list(dict.fromkeys(r["backend"] for r in rows))
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            vals = [next((r["images_per_s"] for r in rows if r["backend"] == name and r["batch"] == b), 0)
+                    for b in batches]
+            ax.bar(np.arange(len(batches)) + i * width, vals, width, label=name)
+        ax.set_xticks(np.arange(len(batches)) + width * (len(names) - 1) / 2, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"EmotionClassifier {'training step' if what == 'train' else 'inference'}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine_info():
+    info = dict(python=platform.python_version(), platform=platform.platform(), cpus=os.cpu_count(),
+                numpy=np.__version__, minicnn=minicnn.__version__)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        pass
+    torch = _torch()
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["torch_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+            info["torch_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    return info
+
+
+def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, backends=None, out=RESULTS,
+        chart=True):
+    backends = [b for b in (backends or all_backends()) if b.available()]
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    gemm_before = sgemm_rate()
+    results = []
+    for batch in batch_sizes:
+        jobs, meta = {}, {}
+        for b in backends:
+            train, infer = b.prepare(batch)
+            jobs[(b.name, "train")] = (train, b.sync)
+            jobs[(b.name, "infer")] = (infer, b.sync)
+        times = time_interleaved(jobs, warmup, repeats)
+        for (name, what), ts in times.items():
+            med = float(np.median(ts))
+            meta[(name, what)] = med
+            results.append(dict(backend=name, what=what, batch=batch, median_ms=1e3 * med,
+                                images_per_s=batch / med, repeats=repeats,
+                                flop=(TRAIN_FLOP if what == "train" else FORWARD_FLOP) * batch))
+        print(f"batch {batch}: done", file=sys.stderr)
+    gemm = (gemm_before + sgemm_rate()) / 2
+    for r in results:
+        for ref, key in (("torch-cpu", "ratio_torch_cpu"), ("torch-cpu-cl", "ratio_torch_cpu_cl")):
+            other = next((o for o in results if o["backend"] == ref and o["what"] == r["what"]
+                          and o["batch"] == r["batch"]), None)
+            if other and not r["backend"].endswith("cupy") and r["backend"] != "torch-cuda":
+                r[key] = r["median_ms"] / other["median_ms"]
+        if "cupy" not in r["backend"] and "cuda" not in r["backend"]:
+            r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
+    report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
+                  command="python -m benchmarks " + " ".join(sys.argv[1:]),
+                  sgemm_gflops=gemm, train_flop_per_image=TRAIN_FLOP, forward_flop_per_image=FORWARD_FLOP,
+                  results=results)
+    if layers:
+        report["layers"] = layer_benchmarks(batch_sizes[0], warmup, repeats, backends)
+    if memory:
+        report["peak_memory_mb"] = {name: peak_memory_mb(name, batch_sizes[0])
+                                    for name in ("minicnn-fast", "minicnn-plain", "torch-cpu", "torch-cpu-cl")
+                                    if any(b.name == name for b in backends)}
+        report["peak_memory_batch"] = batch_sizes[0]
+        report["cold_start_s"] = cold_start_seconds()
+    if out:
+        os.makedirs(out, exist_ok=True)
+        stamp = datetime.date.today().isoformat()
+        for name in (f"benchmark-{stamp}.json", "latest.json"):
+            with open(os.path.join(out, name), "w") as f:
+                json.dump(report, f, indent=1)
+        if chart:
+            plot(results, os.path.join(out, "latest.png"))
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats, no layers/memory")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="names to run (default: all available): " + ", ".join(b.name for b in all_backends()))
+    p.add_argument("--no-layers", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default: benchmarks/results)")
+    args = p.parse_args(argv)
+    batches = args.batch_sizes or ([64] if args.quick else [64, 128])
+    repeats = args.repeats or (5 if args.quick else 15)
+    backends = all_backends()
+    if args.backends:
+        unknown = set(args.backends) - {b.name for b in backends}
+        if unknown:
+            p.error(f"unknown backends: {', '.join(sorted(unknown))}")
+        backends = [b for b in backends if b.name in args.backends]
+    report = run(batches, repeats, args.warmup, layers=not (args.quick or args.no_layers),
+                 memory=not (args.quick or args.no_memory), backends=backends, out=args.out)
+    m = report["machine"]
+    print(f"minicnn {m['minicnn']} | {m.get('cpu', '?')}, {m['cpus']} cores | numpy {m['numpy']}"
+          f" | torch {m.get('torch', '-')} | {report['date']}")
+    print(format_table(report["results"], report["sgemm_gflops"]))
+    if "layers" in report:
+        print(f"\nlayers at batch {batches[0]} (median ms):")
+        for r in report["layers"]:
+            print(f"  {r['layer']:<6} {r['backend']:<15} {r['what']:<17} {r['median_ms']:8.2f}")
+    if "peak_memory_mb" in report:
+        print(f"\npeak extra memory of a training step at batch {report['peak_memory_batch']} (MB): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_memory_mb"].items() if v is not None))
+        print(f"cold start (fresh process: import, numba cache load, first step): {report['cold_start_s']:.1f} s")
+    if args.out:
+        print(f"\nwrote {os.path.join(args.out, 'latest.json')} and latest.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

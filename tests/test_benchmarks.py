@@ -1,0 +1,41 @@
+"""The benchmark suite runs and reports well-formed numbers (no test asserts a speed)."""
+import json
+import math
+
+import pytest
+
+from benchmarks import run as bench
+
+
+def test_flop_counts_match_the_network():
+    assert bench.FORWARD_FLOP == 2 * 33_697_280           # multiply-adds of one image's forward pass
+    assert abs(bench.TRAIN_FLOP / 1e9 - 0.2) < 0.01         # about 0.2 GFLOP per image per step
+
+
+def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
+    names = ["minicnn-plain", "minicnn-fast", "torch-cpu", "torch-cpu-cl"]
+    backends = [b for b in bench.all_backends() if b.name in names]
+    report = bench.run(batch_sizes=(2,), repeats=2, warmup=1, layers=True, memory=False,
+                       backends=backends, out=str(tmp_path))
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert (tmp_path / "latest.png").stat().st_size > 1000
+    have_torch = bench._torch() is not None
+    expected = {"minicnn-plain", "minicnn-fast"} | ({"torch-cpu", "torch-cpu-cl"} if have_torch else set())
+    assert {r["backend"] for r in report["results"]} == expected
+    for r in report["results"]:
+        assert r["what"] in ("train", "infer") and r["batch"] == 2
+        assert r["median_ms"] > 0 and math.isfinite(r["images_per_s"])
+        assert 0 < r["gemm_frac"] < 1.5
+        if have_torch:
+            assert r["ratio_torch_cpu"] > 0 and r["ratio_torch_cpu_cl"] > 0
+    assert report["sgemm_gflops"] > 0
+    layers = {(r["layer"], r["backend"]) for r in report["layers"]}
+    assert ("conv2", "minicnn-fast") in layers and ("fc1", "minicnn-plain") in layers
+    table = bench.format_table(report["results"], report["sgemm_gflops"])
+    assert "minicnn-fast" in table and "images/s" in table
+
+
+def test_cli_rejects_unknown_backends():
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "nope", "--out", ""])
