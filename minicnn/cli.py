@@ -1,9 +1,115 @@
-"""The ``minicnn`` command: ``minicnn summary``, ``minicnn demo`` (more subcommands as they land)."""
+"""The ``minicnn`` command.
+
+    minicnn train [--data PATH] [--epochs N] [--out DIR] [--resume] ...   train the EmotionClassifier
+    minicnn evaluate [--weights FILE] [--data PATH] [--tta]                 metrics and confusion matrix
+    minicnn predict IMAGE...                                                emotions in any face photo
+    minicnn summary                                                         layers, shapes, parameters
+
+Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not
+set either, the built-in synthetic faces are used (and the run says so).
+"""
 import argparse
+import dataclasses
+import json
+import os
 import sys
 import time
 
 import numpy as np
+
+
+def _add_common(p, data=True):
+    if data:
+        p.add_argument("--data", default=None,
+                       help="FER2013 folder (train/, test/) or fer2013.csv; default: $MINICNN_DATA, "
+                            "else the built-in synthetic faces")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+
+
+def _cmd_train(args):
+    from .data import Augment, load_dataset
+    from .training import Recipe, Trainer, format_report
+    from .training.plots import plot_confusion, plot_curves, plot_samples
+    from .data import EMOTIONS
+    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    builtin = desc.startswith("built-in")
+    print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
+          f"{len(data['test'][1])} test images", file=sys.stderr)
+    if builtin:
+        print("no --data or $MINICNN_DATA given: training on the built-in synthetic faces "
+              "(see the README for FER2013)", file=sys.stderr)
+    defaults = Recipe()
+    recipe = Recipe(
+        epochs=args.epochs if args.epochs is not None else (4 if builtin else defaults.epochs),
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
+        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=0.25)), seed=args.seed)
+    trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=desc,
+                      progress=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    minutes = (time.perf_counter() - t0) / 60
+    report = trainer.evaluate("test", tta=args.tta)
+    probs = report.pop("probs")
+    print(f"\ntest split ({'with' if args.tta else 'no'} test-time augmentation), best-by-validation weights:")
+    print(format_report(report, EMOTIONS))
+    with open(os.path.join(args.out, "test_report.json"), "w") as f:
+        json.dump(dict(report, tta=args.tta, train_minutes=minutes), f, indent=1)
+    plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+    plot_confusion(report["confusion_matrix"], EMOTIONS, os.path.join(args.out, "confusion.png"),
+                   title=f"test accuracy {report['accuracy']:.1%}")
+    x, y = data["test"]
+    plot_samples(x, y, probs, EMOTIONS, os.path.join(args.out, "samples.png"))
+    print(f"\ntest accuracy {report['accuracy']:.2%} after {trainer.epoch} epochs, {minutes:.1f} minutes; "
+          f"wrote {args.out}/best.npz, last.npz, log.jsonl, curves.png, confusion.png, samples.png",
+          file=sys.stderr)
+    return 0
+
+
+def _weights_path(arg):
+    if arg:
+        return arg
+    from .weights import default_weights_path
+    return default_weights_path()
+
+
+def _cmd_evaluate(args):
+    from .data import EMOTIONS, load_dataset
+    from .training import classification_report, format_report, load_model, predict_proba
+    from .training.plots import plot_confusion
+    path = _weights_path(args.weights)
+    model, meta = load_model(path, args.device)
+    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    x, y = data[args.split]
+    norm = meta["normalization"]
+    probs = predict_proba(model, x, norm["mean"], norm["std"], tta=args.tta, device=args.device)
+    report = classification_report(y, probs.argmax(1), EMOTIONS)
+    print(f"weights: {path}\ndata: {desc}, split '{args.split}' ({len(y)} images), "
+          f"test-time augmentation {'on' if args.tta else 'off'}\n")
+    print(format_report(report, EMOTIONS))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        png = os.path.join(args.out, f"confusion_{args.split}.png")
+        plot_confusion(report["confusion_matrix"], EMOTIONS, png, title=f"{args.split} accuracy {report['accuracy']:.1%}")
+        with open(os.path.join(args.out, f"report_{args.split}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"\nwrote {png}")
+    return 0
+
+
+def _cmd_predict(args):
+    from .inference import load_face, EmotionPredictor
+    predictor = EmotionPredictor(_weights_path(args.weights), device=args.device)
+    for path in args.images:
+        probs = predictor.predict(load_face(path))[0]
+        order = np.argsort(-probs)
+        print(f"{path}: {predictor.classes[order[0]]}")
+        for i in order:
+            print(f"  {predictor.classes[i]:<9}{probs[i]:7.1%}")
+    return 0
 
 
 def _cmd_summary(args):
@@ -12,52 +118,62 @@ def _cmd_summary(args):
     return 0
 
 
-def _cmd_demo(args):
-    """Build the seed network, print its summary and take a few training steps on random faces."""
-    import minicnn
-    from .models import EmotionClassifier
-    minicnn.manual_seed(args.seed)
-    model = EmotionClassifier().to(args.device)
-    model.summary()
-    rng = np.random.default_rng(args.seed)
-    x = rng.standard_normal((args.batch_size, 1, 48, 48)).astype(np.float32)
-    y = rng.integers(0, 7, args.batch_size)
-    from .backend import to_device
-    x = to_device(x, args.device)
-    crit = minicnn.nn.CrossEntropyLoss()
-    opt = minicnn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        loss = crit(model(x), y)
-        model.backward(crit.backward())
-        opt.step()
-        opt.zero_grad()
-        dt = time.perf_counter() - t0
-        print(f"step {step + 1}: loss {loss:.4f}  ({args.batch_size / dt:.0f} images/s)")
-    return 0
-
-
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minicnn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minicnn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the EmotionClassifier (built-in faces or FER2013)")
+    _add_common(p)
+    p.add_argument("--epochs", type=int, default=None, help="default: 40 on FER2013, 4 on the built-in faces")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                   help="sgd is Nesterov momentum 0.9")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "plateau", "constant"])
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 turns clipping off")
+    p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of Training held out for validation when the source has no PublicTest split")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/emotion", help="folder for checkpoints, log and plots")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix")
+    _add_common(p)
+    p.add_argument("--weights", default=None, help="checkpoint or weights .npz (default: the shipped FER2013 weights)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--tta", action="store_true", help="average over flips and small shifts")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the confusion-matrix PNG and JSON report")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="the emotion in face images (any size or colour)")
+    _add_common(p, data=False)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
+    p.set_defaults(func=_cmd_predict)
+
     p = sub.add_parser("summary", help="print the EmotionClassifier's layers, shapes and parameters")
     p.add_argument("--num-classes", type=int, default=7)
     p.set_defaults(func=_cmd_summary)
-    p = sub.add_parser("demo", help="build the model and run a few training steps on random data")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from .backend import DeviceError
+    from .data import DatasetError
+    from .training import CheckpointError, TrainingDiverged
     try:
         return args.func(args)
-    except DeviceError as exc:
+    except (DeviceError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError) as exc:
         print(f"minicnn: error: {exc}", file=sys.stderr)
         return 2
 

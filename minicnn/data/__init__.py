@@ -1,0 +1,41 @@
+"""Data: FER2013 (folder or CSV), the built-in faces, augmentation and batching."""
+from .augment import Augment
+from .fer2013 import EMOTIONS, DatasetError, cache_dir, load_fer2013
+from .loader import BatchLoader, normalize
+from .synthetic import make_faces, synthetic_splits
+
+__all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir", "make_faces", "synthetic_splits",
+           "Augment", "BatchLoader", "normalize", "load_dataset"]
+
+
+def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
+    """Splits {'train', 'val', 'test'} of uint8 images and labels, and a description.
+
+    ``path``: a FER2013 folder or CSV; None means ``$MINICNN_DATA`` if set, else
+    the built-in faces. Validation (for model selection) is PublicTest when the
+    source has three splits (the CSV); otherwise a stratified, seeded
+    ``val_fraction`` of training. Test is never used for selection.
+    """
+    import os
+    import numpy as np
+    if path is None:
+        path = os.environ.get("MINICNN_DATA") or None
+    if path is None:
+        return synthetic_splits(seed=seed), "built-in synthetic faces (a stand-in, not FER2013)"
+    data = load_fer2013(path, progress=progress)
+    if "val" not in data:
+        x, y = data["train"]
+        rng = np.random.default_rng(seed)
+        val_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:int(round(val_fraction * (y == c).sum()))]
+                                  for c in range(len(EMOTIONS))])
+        mask = np.zeros(len(y), dtype=bool)
+        mask[val_idx] = True
+        data["val"] = (x[mask], y[mask])
+        data["train"] = (x[~mask], y[~mask])
+        desc = (f"FER2013 from {path} (validation: a stratified {val_fraction:.0%} of Training; "
+                f"test: PublicTest)")
+    else:
+        desc = f"FER2013 from {path} (validation: PublicTest; test: PrivateTest)"
+    if "test" not in data:
+        raise DatasetError(f"{path}: no test split (PrivateTest rows or a test/ folder)")
+    return data, desc

@@ -1,0 +1,202 @@
+"""FER2013: 48x48 grayscale faces, 7 emotions, in either form users have.
+
+* the image-folder layout: ``train/<emotion>/*.jpg`` and ``test/<emotion>/*.jpg``
+  (Training and PublicTest);
+* Kaggle's ``fer2013.csv``: columns ``emotion,pixels,Usage`` with Usage in
+  Training / PublicTest / PrivateTest, pixels as 2304 space-separated integers.
+
+Class order is FER2013's: 0 angry, 1 disgust, 2 fear, 3 happy, 4 sad,
+5 surprise, 6 neutral. Decoded arrays are cached, compressed, in the user cache
+directory (``$MINICNN_CACHE`` or ``~/.cache/minicnn``), keyed by a fingerprint
+of the source (names, sizes, modification times), so a changed source is read
+again and the data folder itself is never written to.
+
+Get FER2013 from Kaggle ("Challenges in Representation Learning: Facial
+Expression Recognition Challenge", ``fer2013.csv``) or as the image-folder layout.
+"""
+import csv
+import hashlib
+import io
+import os
+import sys
+
+import numpy as np
+
+__all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir"]
+
+EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".pgm")
+_CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """The data is missing, incomplete or malformed; the message says where."""
+
+
+def cache_dir():
+    """Where decoded datasets are cached: $MINICNN_CACHE, else $XDG_CACHE_HOME/minicnn, else ~/.cache/minicnn."""
+    root = os.environ.get("MINICNN_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minicnn")
+    return root
+
+
+# --- the folder layout ------------------------------------------------------------------
+
+def _folder_files(root):
+    """{split: [(path, label)]} for train/ and test/, after checking the layout."""
+    splits = {}
+    for split in ("train", "test"):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            raise DatasetError(f"{root}: missing the '{split}/' folder (expected train/<emotion>/*.jpg and "
+                               f"test/<emotion>/*.jpg with emotions {', '.join(EMOTIONS)})")
+        found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+        unknown = [e for e in found if e.lower() not in EMOTIONS]
+        if unknown:
+            raise DatasetError(f"{d}: unknown emotion folder(s) {', '.join(unknown)}; expected "
+                               f"{', '.join(EMOTIONS)}")
+        missing = [e for e in EMOTIONS if e not in {f.lower() for f in found}]
+        if missing:
+            raise DatasetError(f"{d}: missing emotion folder(s) {', '.join(missing)}")
+        files = []
+        for e in found:
+            label = EMOTIONS.index(e.lower())
+            names = sorted(n for n in os.listdir(os.path.join(d, e)) if n.lower().endswith(_IMAGE_EXT))
+            files += [(os.path.join(d, e, n), label) for n in names]
+        if not files:
+            raise DatasetError(f"{d}: no images found (expected {split}/<emotion>/*.jpg)")
+        splits[split] = files
+    return splits
+
+
+def _decode(path):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L")
+            if im.size != (48, 48):
+                im = im.resize((48, 48), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"cannot decode image {path}: {exc}") from None
+
+
+def _fingerprint(items):
+    h = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
+    for item in items:
+        h.update(repr(item).encode())
+    return h.hexdigest()[:16]
+
+
+def _folder_fingerprint(root, splits):
+    items = []
+    for split, files in splits.items():
+        for path, label in files:
+            st = os.stat(path)
+            items.append((os.path.relpath(path, root), label, st.st_size, st.st_mtime_ns))
+    return _fingerprint(items)
+
+
+def _read_folder(splits, progress):
+    out = {}
+    for split, files in splits.items():
+        it = files
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(files, desc=f"decoding {split}", unit="img", leave=False, file=sys.stderr)
+        images = np.stack([_decode(p) for p, _ in it])
+        out[split] = (images, np.array([lab for _, lab in files], dtype=np.int64))
+    return {"train": out["train"], "test": out["test"]}
+
+
+# --- the CSV ---------------------------------------------------------------------------------
+
+def _read_csv(path, progress):
+    usage_to_split = {"training": "train", "publictest": "val", "privatetest": "test"}
+    data = {s: ([], []) for s in ("train", "val", "test")}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip().lower() for h in next(reader)]
+        except StopIteration:
+            raise DatasetError(f"{path}: the file is empty") from None
+        try:
+            ie, ip, iu = header.index("emotion"), header.index("pixels"), header.index("usage")
+        except ValueError:
+            raise DatasetError(f"{path}: line 1: expected the header emotion,pixels,Usage, got "
+                               f"{','.join(header)}") from None
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                label = int(row[ie])
+                pixels = np.array(row[ip].split(), dtype=np.int64)
+                usage = row[iu].strip().lower()
+            except (ValueError, IndexError) as exc:
+                raise DatasetError(f"{path}: line {lineno}: malformed row ({exc})") from None
+            if not 0 <= label < 7:
+                raise DatasetError(f"{path}: line {lineno}: emotion {label} is not in 0..6")
+            if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+                raise DatasetError(f"{path}: line {lineno}: expected 2304 pixel values in 0..255, "
+                                   f"got {pixels.size}")
+            if usage not in usage_to_split:
+                raise DatasetError(f"{path}: line {lineno}: unknown Usage {row[iu]!r} "
+                                   "(expected Training, PublicTest or PrivateTest)")
+            imgs, labs = data[usage_to_split[usage]]
+            imgs.append(pixels.astype(np.uint8).reshape(48, 48))
+            labs.append(label)
+    if not data["train"][0]:
+        raise DatasetError(f"{path}: no Training rows")
+    out = {}
+    for split, (imgs, labs) in data.items():
+        if imgs:
+            out[split] = (np.stack(imgs), np.array(labs, dtype=np.int64))
+    return out
+
+
+# --- the public loader ---------------------------------------------------------------------
+
+def load_fer2013(path, use_cache=True, progress=True):
+    """Load FER2013 from a folder or a CSV: {'train': (images, labels), 'test': ..., ['val': ...]}.
+
+    ``images`` are uint8 of shape (N, 48, 48); labels int64 in FER2013's class
+    order. The folder layout gives 'train' and 'test' (PublicTest); the CSV gives
+    'train', 'val' (PublicTest) and 'test' (PrivateTest) when it has them.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise DatasetError(f"no dataset at {path}: give the FER2013 folder (with train/ and test/) "
+                           "or Kaggle's fer2013.csv")
+    if os.path.isdir(path):
+        splits = _folder_files(path)
+        fingerprint = _folder_fingerprint(path, splits)
+        def read():
+            return _read_folder(splits, progress)
+    else:
+        st = os.stat(path)
+        fingerprint = _fingerprint([os.path.basename(path), st.st_size, st.st_mtime_ns])
+        def read():
+            return _read_csv(path, progress)
+    cache_file = os.path.join(cache_dir(), f"fer2013-{fingerprint}.npz")
+    if use_cache and os.path.exists(cache_file):
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                return {s: (z[f"{s}_images"], z[f"{s}_labels"])
+                        for s in ("train", "val", "test") if f"{s}_images" in z}
+        except (OSError, ValueError, KeyError):
+            pass                       # a damaged cache is simply rebuilt
+    data = read()
+    if use_cache:
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **{f"{s}_{k}": v for s, (im, lab) in data.items()
+                                        for k, v in (("images", im), ("labels", lab))})
+            tmp = cache_file + f".tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, cache_file)
+        except OSError as exc:
+            print(f"minicnn: could not write the dataset cache {cache_file}: {exc}", file=sys.stderr)
+    return data

@@ -1,0 +1,65 @@
+"""Prediction on any face photo: grayscale, centre square crop, 48x48, the weights' own normalisation.
+
+    from minicnn.inference import EmotionPredictor, load_face
+    predictor = EmotionPredictor()                      # the shipped FER2013 weights
+    probs = predictor.predict(load_face("face.jpg"))    # (1, 7), FER2013's class order
+"""
+import numpy as np
+
+from .data import DatasetError, normalize
+from .training.trainer import load_model, predict_proba
+
+__all__ = ["load_face", "prepare_face", "EmotionPredictor"]
+
+
+def prepare_face(image):
+    """A PIL image of any size or mode -> uint8 (48, 48): grayscale, centre-cropped square, resized."""
+    from PIL import Image
+    im = image.convert("L")
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if im.size != (48, 48):
+        im = im.resize((48, 48), Image.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_face(path):
+    """Read an image file and prepare it (an error names the file if it cannot be decoded)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return prepare_face(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image at {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"cannot decode image {path}: {exc}") from None
+
+
+class EmotionPredictor:
+    """Weights plus the exact preprocessing they were trained with."""
+
+    def __init__(self, weights=None, device="cpu"):
+        if weights is None:
+            from .weights import default_weights_path
+            weights = default_weights_path()
+        self.model, self.meta = load_model(weights, device)
+        self.device = device
+        self.classes = tuple(self.meta.get("classes") or ())
+        norm = self.meta["normalization"]
+        self.mean, self.std = float(norm["mean"]), float(norm["std"])
+
+    def predict(self, faces, tta=False):
+        """uint8 faces (48, 48) or (N, 48, 48) -> probabilities (N, num_classes)."""
+        faces = np.asarray(faces)
+        if faces.ndim == 2:
+            faces = faces[None]
+        if faces.ndim != 3 or faces.shape[1:] != (48, 48):
+            raise ValueError(f"expected faces of shape (48, 48) or (N, 48, 48), got {faces.shape}")
+        return predict_proba(self.model, faces, self.mean, self.std, tta=tta, device=self.device)
+
+    def input_tensor(self, faces):
+        """The float32 (N, 1, 48, 48) array the model sees for these faces."""
+        return normalize(np.asarray(faces).reshape(-1, 48, 48), self.mean, self.std)

@@ -1,0 +1,81 @@
+"""Checkpoints: one ``.npz`` (no pickle) plus readable JSON metadata, written atomically.
+
+The ``.npz`` holds ``model/<name>`` arrays (PyTorch-compatible state dict),
+``optim/<key>`` arrays, and ``meta`` -- the JSON metadata as bytes (epoch, step,
+schedule and random states, recipe, normalisation, metrics). ``<file>.json``
+beside it is the same metadata for people. Files are written to a temporary
+name and renamed, so an interrupted save never leaves a half-written
+checkpoint in place of the last good one.
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, or from a different model."""
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, model_state, optim_state=None, meta=None):
+    """Save a checkpoint atomically; ``meta`` must be JSON-serialisable."""
+    import io
+    meta = dict(meta or {})
+    arrays = {f"model/{k}": np.asarray(v) for k, v in model_state.items()}
+    for k, v in (optim_state or {}).items():
+        arrays[f"optim/{k}"] = np.asarray(v)
+    text = json.dumps(meta, indent=1, sort_keys=True, default=_json_default)
+    arrays["meta"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(os.path.splitext(path)[0] + ".json", text.encode())
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def load_checkpoint(path):
+    """Return (model_state, optim_state, meta); raises CheckpointError with the file's name."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = list(z.files)
+            if "meta" not in files:
+                raise CheckpointError(f"{path} is not a minicnn checkpoint (no 'meta' entry)")
+            meta = json.loads(bytes(z["meta"]).decode())
+            model = {k[len("model/"):]: z[k] for k in files if k.startswith("model/")}
+            optim = {k[len("optim/"):]: z[k] for k in files if k.startswith("optim/")}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} "
+                              "(truncated or not a minicnn checkpoint?)") from None
+    return model, optim, meta

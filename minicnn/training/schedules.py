@@ -1,0 +1,94 @@
+"""Learning-rate schedules: cosine with warm-up, step decay, reduce-on-plateau.
+
+Each has ``lr(epoch, step)`` for the learning rate of a training step (``step``
+counts steps within the epoch), ``end_epoch(metric)`` called after validation,
+and ``state_dict()``/``load_state_dict()`` so a resumed run continues exactly.
+"""
+import math
+
+__all__ = ["Schedule", "CosineWarmup", "StepDecay", "ReduceOnPlateau", "make_schedule"]
+
+
+class Schedule:
+    def __init__(self, base_lr, steps_per_epoch):
+        self.base_lr, self.steps_per_epoch = float(base_lr), int(steps_per_epoch)
+
+    def lr(self, epoch, step):
+        return self.base_lr
+
+    def end_epoch(self, metric):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class CosineWarmup(Schedule):
+    """Linear warm-up from 0 over ``warmup_epochs``, then cosine decay to ``min_lr`` at ``epochs``."""
+
+    def __init__(self, base_lr, steps_per_epoch, epochs, warmup_epochs=1.0, min_lr=0.0):
+        super().__init__(base_lr, steps_per_epoch)
+        self.total = max(1, int(epochs * steps_per_epoch))
+        self.warmup = int(warmup_epochs * steps_per_epoch)
+        self.min_lr = float(min_lr)
+
+    def lr(self, epoch, step):
+        t = epoch * self.steps_per_epoch + step
+        if t < self.warmup:
+            return self.base_lr * (t + 1) / self.warmup
+        frac = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class StepDecay(Schedule):
+    """Multiply by ``gamma`` every ``step_epochs`` epochs."""
+
+    def __init__(self, base_lr, steps_per_epoch, step_epochs=10, gamma=0.1):
+        super().__init__(base_lr, steps_per_epoch)
+        self.step_epochs, self.gamma = int(step_epochs), float(gamma)
+
+    def lr(self, epoch, step):
+        return self.base_lr * self.gamma ** (epoch // self.step_epochs)
+
+
+class ReduceOnPlateau(Schedule):
+    """Multiply by ``factor`` when the validation metric (higher is better) has not improved
+    for ``patience`` epochs."""
+
+    def __init__(self, base_lr, steps_per_epoch, factor=0.5, patience=3, min_lr=1e-5):
+        super().__init__(base_lr, steps_per_epoch)
+        self.factor, self.patience, self.min_lr = float(factor), int(patience), float(min_lr)
+        self.current, self.best, self.bad = float(base_lr), -math.inf, 0
+
+    def lr(self, epoch, step):
+        return self.current
+
+    def end_epoch(self, metric):
+        if metric > self.best:
+            self.best, self.bad = metric, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.current, self.bad = max(self.min_lr, self.current * self.factor), 0
+
+    def state_dict(self):
+        return {"current": self.current, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state):
+        self.current, self.best, self.bad = float(state["current"]), float(state["best"]), int(state["bad"])
+
+
+def make_schedule(name, base_lr, steps_per_epoch, epochs, warmup_epochs=1.0):
+    """'cosine' (default), 'step', 'plateau' or 'constant'."""
+    if name == "cosine":
+        return CosineWarmup(base_lr, steps_per_epoch, epochs, warmup_epochs=min(warmup_epochs, epochs / 2))
+    if name == "step":
+        return StepDecay(base_lr, steps_per_epoch, step_epochs=max(1, epochs // 3))
+    if name == "plateau":
+        return ReduceOnPlateau(base_lr, steps_per_epoch)
+    if name == "constant":
+        return Schedule(base_lr, steps_per_epoch)
+    raise ValueError(f"unknown schedule {name!r}: use cosine, step, plateau or constant")

@@ -1,0 +1,319 @@
+"""The training loop: a recipe, a Trainer, checkpoints that resume exactly, and evaluation.
+
+    from minicnn.data import load_dataset
+    from minicnn.training import Recipe, Trainer
+
+    data, description = load_dataset()                 # built-in faces, or FER2013 with a path
+    trainer = Trainer(data, Recipe(epochs=5), out_dir="runs/demo")
+    trainer.fit()                                      # progress bars, log, checkpoints
+    print(trainer.evaluate("test")["accuracy"])
+
+One step is the whole of backprop by hand: forward, loss, ``model.backward``,
+optional gradient clipping, ``optimizer.step``. Every epoch ends with a
+validation pass, a line in ``log.jsonl``, ``last.npz`` and, when validation
+accuracy improves, ``best.npz``. ``fit(resume=True)`` continues from
+``last.npz`` -- even mid-epoch after Ctrl-C -- and ends with exactly the
+weights an uninterrupted run would have.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import __version__, rng as _rng
+from ..backend import to_device, to_numpy
+from ..data import EMOTIONS, Augment, BatchLoader, normalize
+from ..models import EmotionClassifier
+from ..nn import CrossEntropyLoss
+from ..optim import SGD, Adam, AdamW
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .metrics import classification_report
+from .schedules import make_schedule
+
+__all__ = ["Recipe", "Trainer", "TrainingDiverged", "predict_proba", "load_model", "clip_grad_norm"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a training run (saved in every checkpoint and weights card)."""
+    epochs: int = 40
+    batch_size: int = 64
+    optimizer: str = "sgd"              # sgd (Nesterov momentum) | adam | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"            # cosine (with warm-up) | step | plateau | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad_norm: float = 5.0         # 0: off
+    dropout: float = 0.5
+    augment: dict = field(default_factory=lambda: dataclasses.asdict(Augment(erase=0.25)))
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most ``max_norm`` (PyTorch's rule); returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g *= coef
+    return total
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="cpu"):
+    """Class probabilities for uint8 images (N, 48, 48), in eval mode.
+
+    With ``tta``, averages the probabilities over the image, its mirror, and
+    the image shifted by 2 pixels in each direction (6 views).
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i:i + batch_size], mean, std)
+            views = [x]
+            if tta:
+                views.append(x[..., ::-1])
+                for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2)):
+                    views.append(np.roll(x, (dy, dx), axis=(2, 3)))
+            probs = np.mean([_softmax(to_numpy(model(to_device(np.ascontiguousarray(v), device))).astype(np.float64))
+                             for v in views], axis=0)
+            out.append(probs)
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def load_model(path, device="cpu"):
+    """An EmotionClassifier and its metadata from a checkpoint or weights file (clear errors)."""
+    state, _, meta = load_checkpoint(path)
+    if meta.get("model") != "EmotionClassifier":
+        raise CheckpointError(f"{path} holds a {meta.get('model', 'unknown')!r} model, not an EmotionClassifier")
+    model = EmotionClassifier(num_classes=int(meta.get("num_classes", 7)))
+    try:
+        model.load_state_dict(state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return model.to(device).eval(), meta
+
+
+class Trainer:
+    def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
+                 progress=True, log=None):
+        self.recipe = recipe or Recipe()
+        self.data, self.out_dir, self.device = data, out_dir, device
+        self.data_description = data_description
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        r = self.recipe
+        train_x, train_y = data["train"]
+        pixels = train_x.astype(np.float64) / 255.0
+        self.mean, self.std = float(pixels.mean()), float(pixels.std())
+        _rng.manual_seed(r.seed)
+        self.model = EmotionClassifier(num_classes=len(EMOTIONS), dropout=r.dropout).to(device)
+        params = self.model.parameters()
+        if r.optimizer == "sgd":
+            self.optimizer = SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0,
+                                 weight_decay=r.weight_decay)
+        elif r.optimizer == "adam":
+            self.optimizer = Adam(params, lr=r.lr, weight_decay=r.weight_decay)
+        elif r.optimizer == "adamw":
+            self.optimizer = AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {r.optimizer!r}: use sgd, adam or adamw")
+        self.criterion = CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        augment = Augment(**r.augment) if r.augment else None
+        self.train_loader = BatchLoader(train_x, train_y, r.batch_size, shuffle=True, augment=augment,
+                                        mean=self.mean, std=self.std, seed=r.seed, drop_last=True, device=device)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"{len(train_x)} training images make no full batch of {r.batch_size}")
+        self.schedule = make_schedule(r.schedule, r.lr, len(self.train_loader), r.epochs, r.warmup_epochs)
+        self.history = []
+        self.best_val_acc = -1.0
+        self.epoch, self.batch = 0, 0                 # where training continues from
+        self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._stop_requested = False
+
+    def request_stop(self):
+        """Finish the current step, save ``last.npz`` and stop (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    def _on_sigint(self, signum, frame):
+        if self._stop_requested:                  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.log("\nCtrl-C: finishing this step, then saving (press again to stop at once)")
+        self.request_stop()
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _meta(self, **extra):
+        return dict(model="EmotionClassifier", num_classes=len(EMOTIONS), classes=list(EMOTIONS),
+                    minicnn_version=__version__, recipe=dataclasses.asdict(self.recipe),
+                    normalization={"mean": self.mean, "std": self.std, "input": "grayscale 48x48, x/255"},
+                    data=self.data_description, epoch=self.epoch, batch=self.batch,
+                    schedule=self.schedule.state_dict(), rng=self.model.rng_states(),
+                    history=self.history, best_val_acc=self.best_val_acc, partial=self._partial, **extra)
+
+    def save(self, name):
+        path = os.path.join(self.out_dir, name)
+        save_checkpoint(path, self.model.state_dict(), self.optimizer.state_dict(), self._meta())
+        return path
+
+    def resume(self, path=None):
+        path = path or os.path.join(self.out_dir, "last.npz")
+        state, optim_state, meta = load_checkpoint(path)
+        if meta.get("model") != "EmotionClassifier":
+            raise CheckpointError(f"{path} is not an EmotionClassifier checkpoint")
+        if meta.get("recipe") and Recipe.from_dict(meta["recipe"]) != self.recipe:
+            raise CheckpointError(f"{path} was trained with recipe {meta['recipe']}, not "
+                                  f"{dataclasses.asdict(self.recipe)}: resume with the same settings")
+        try:
+            self.model.load_state_dict(state)
+            self.optimizer.load_state_dict(optim_state)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        self.model.set_rng_states(meta["rng"])
+        self.schedule.load_state_dict(meta["schedule"])
+        self.epoch, self.batch = int(meta["epoch"]), int(meta["batch"])
+        self.history, self.best_val_acc = meta["history"], float(meta["best_val_acc"])
+        self._partial = meta["partial"]
+        self.mean, self.std = meta["normalization"]["mean"], meta["normalization"]["std"]
+        self.train_loader.mean, self.train_loader.std = self.mean, self.std
+        self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
+
+    # --- one epoch -----------------------------------------------------------------------------
+    def _train_epoch(self):
+        r, model, opt, crit = self.recipe, self.model, self.optimizer, self.criterion
+        model.train()
+        n_batches = len(self.train_loader)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_batches, initial=self.batch, desc=f"epoch {self.epoch + 1}/{r.epochs}",
+                       unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+        p = self._partial
+        t_last = time.perf_counter()
+        try:
+            for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
+                opt.lr = self.schedule.lr(self.epoch, self.batch)
+                logits = model(x)
+                loss = float(crit.forward(logits, y))
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at epoch {self.epoch + 1}, batch {self.batch + 1} "
+                        f"(learning rate {opt.lr:.3g}); stopped without saving, so the last good checkpoint "
+                        f"in {self.out_dir} is intact. Try a lower --lr.")
+                model.backward(crit.backward(), input_grad=False)
+                if r.clip_grad_norm:
+                    clip_grad_norm(model.parameters(), r.clip_grad_norm)
+                opt.step()
+                opt.zero_grad()
+                self.batch += 1
+                if self._stop_requested:          # Ctrl-C: stop between steps, never inside one
+                    raise KeyboardInterrupt
+                now = time.perf_counter()
+                p["seconds"] += now - t_last
+                t_last = now
+                p["loss"] += loss * len(y)
+                p["correct"] += int((to_numpy(logits).argmax(1) == y).sum())
+                p["seen"] += len(y)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{p['loss'] / p['seen']:.3f}", acc=f"{p['correct'] / p['seen']:.3f}",
+                                    lr=f"{opt.lr:.2g}", img_s=f"{p['seen'] / max(p['seconds'], 1e-9):.0f}")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _validate(self, split="val"):
+        x, y = self.data[split]
+        probs = predict_proba(self.model, x, self.mean, self.std, device=self.device)
+        loss = float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).mean())
+        return loss, float((probs.argmax(1) == y).mean())
+
+    # --- the loop ---------------------------------------------------------------------------
+    def fit(self, resume=False):
+        """Train to ``recipe.epochs``; returns the history (one dict per epoch)."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        if resume:
+            self.resume()
+        log_path = os.path.join(self.out_dir, "log.jsonl")
+        if not resume:
+            open(log_path, "w").close()
+        self._stop_requested = False
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._fit_epochs(log_path)
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _fit_epochs(self, log_path):
+        while self.epoch < self.recipe.epochs:
+            try:
+                self._train_epoch()
+            except KeyboardInterrupt:
+                if self._stop_requested:       # stopped cleanly between two steps: resumable exactly
+                    path = self.save("last.npz")
+                    self.log(f"interrupted: saved {path} at epoch {self.epoch + 1}, batch {self.batch}; "
+                             f"continue with --resume")
+                else:
+                    self.log("interrupted inside a step: kept the last checkpoint as it was")
+                raise
+            p = self._partial
+            val_loss, val_acc = self._validate()
+            self.schedule.end_epoch(val_acc)
+            row = dict(epoch=self.epoch + 1, train_loss=p["loss"] / max(p["seen"], 1),
+                       train_acc=p["correct"] / max(p["seen"], 1), val_loss=val_loss, val_acc=val_acc,
+                       lr=self.optimizer.lr, seconds=p["seconds"], images_per_s=p["seen"] / max(p["seconds"], 1e-9))
+            self.history.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            improved = val_acc > self.best_val_acc
+            self.best_val_acc = max(self.best_val_acc, val_acc)
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            self.save("last.npz")
+            if improved:
+                self.save("best.npz")
+            self.log(f"epoch {row['epoch']}/{self.recipe.epochs}: train loss {row['train_loss']:.3f} "
+                     f"acc {row['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f}"
+                     f"{' (best)' if improved else ''} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+        return self.history
+
+    def evaluate(self, split="test", tta=False, weights="best"):
+        """Metrics on a split with the best (or current) weights."""
+        model = self.model
+        if weights == "best" and os.path.exists(os.path.join(self.out_dir, "best.npz")):
+            model, _ = load_model(os.path.join(self.out_dir, "best.npz"), self.device)
+        x, y = self.data[split]
+        probs = predict_proba(model, x, self.mean, self.std, tta=tta, device=self.device)
+        report = classification_report(y, probs.argmax(1), EMOTIONS)
+        report["probs"] = probs
+        return report
