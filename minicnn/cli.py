@@ -4,6 +4,8 @@
     minicnn evaluate [--weights FILE] [--data PATH] [--tta]                 metrics and confusion matrix
     minicnn predict IMAGE...                                                emotions in any face photo
     minicnn summary                                                         layers, shapes, parameters
+    minicnn gradcheck [--device gpu]                                        every backward vs finite differences
+    minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
 
 Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not
 set either, the built-in synthetic faces are used (and the run says so).
@@ -112,6 +114,49 @@ def _cmd_predict(args):
     return 0
 
 
+def _cmd_gradcheck(args):
+    from .gradcheck import check_all, format_report
+    results = check_all(device=args.device, include_model=not args.layers_only)
+    print(format_report(results))
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    for r in failed:
+        print(f"FAIL {r}")
+    return 1 if failed else 0
+
+
+def _load_one_face(path, weights, device):
+    from .inference import EmotionPredictor, load_face
+    predictor = EmotionPredictor(_weights_path(weights), device=device)
+    face = load_face(path)
+    return predictor, face
+
+
+def _cmd_explain(args):
+    from .explain import plot_explanation, saliency_and_gradcam
+    predictor, face = _load_one_face(args.image, args.weights, args.device)
+    probs, target, sal, cam = saliency_and_gradcam(predictor.model, predictor.input_tensor(face))
+    out = args.out or os.path.splitext(os.path.basename(args.image))[0] + "_explain.png"
+    plot_explanation(face, probs, target, sal, cam, predictor.classes, out)
+    print(f"{args.image}: {predictor.classes[target]} ({probs[target]:.1%}); wrote {out}")
+    return 0
+
+
+def _cmd_visualize(args):
+    from .explain import feature_maps, first_layer_filters, plot_filters_and_maps
+    if args.image:
+        predictor, face = _load_one_face(args.image, args.weights, args.device)
+    else:
+        from .data import make_faces
+        from .inference import EmotionPredictor
+        predictor = EmotionPredictor(_weights_path(args.weights), device=args.device)
+        face = make_faces(1, seed=0, labels=[3])[0][0]
+    maps = feature_maps(predictor.model, predictor.input_tensor(face))
+    plot_filters_and_maps(first_layer_filters(predictor.model), maps, face, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_summary(args):
     from .models import EmotionClassifier
     EmotionClassifier(num_classes=args.num_classes).summary()
@@ -159,6 +204,25 @@ def build_parser():
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("gradcheck", help="check every layer's backward pass against finite differences")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--layers-only", action="store_true", help="skip the whole-model checks")
+    p.set_defaults(func=_cmd_gradcheck)
+
+    p = sub.add_parser("explain", help="saliency map and Grad-CAM for a face image, as a PNG")
+    _add_common(p, data=False)
+    p.add_argument("image")
+    p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
+    p.add_argument("--out", default=None, help="PNG to write (default: IMAGE_explain.png here)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("visualize", help="first-layer filters and a face's feature maps, as a PNG")
+    _add_common(p, data=False)
+    p.add_argument("image", nargs="?", default=None, help="a face image (default: a built-in face)")
+    p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
+    p.add_argument("--out", default="filters_and_maps.png")
+    p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("summary", help="print the EmotionClassifier's layers, shapes and parameters")
     p.add_argument("--num-classes", type=int, default=7)

@@ -24,7 +24,7 @@ import numpy as np
 from .backend import get_array_module
 
 __all__ = ["CheckResult", "GradcheckError", "numerical_gradient", "check_module", "check_loss",
-           "assert_gradients", "format_report"]
+           "assert_gradients", "format_report", "check_all"]
 
 
 @dataclass
@@ -139,7 +139,8 @@ def check_module(module, x, dout=None, mode="full", h=1e-6, tol=1e-6, atol=1e-8,
     for pname, p in module.named_parameters():
         _require_float64(p.data, f"parameter {pname}")
     xp = get_array_module(x)
-    rng = np.random.default_rng(seed)
+    # A stream of its own, so the upstream gradient never equals a user's default_rng(0) input.
+    rng = np.random.default_rng((seed, 0x67726164))
     layer = name or type(module).__name__
     rng_state = module.rng_states()
     saved_state = module.state_dict()
@@ -178,7 +179,7 @@ def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, atol=1e
         return float(criterion.forward(logits, labels))
 
     return [_check_tensor(type(criterion).__name__, "logits", logits, analytic, loss, mode, h, tol, atol,
-                          np.random.default_rng(seed))]
+                          np.random.default_rng((seed, 0x67726164)))]
 
 
 def assert_gradients(results):
@@ -191,9 +192,60 @@ def assert_gradients(results):
 
 def format_report(results):
     """A table: layer, tensor, mode, max relative error, tolerance, pass/fail, time."""
-    head = f"{'layer':<22}{'tensor':<26}{'mode':<13}{'max rel err':>12}{'tol':>9}  {'result':<6}{'time':>9}"
+    head = f"{'layer':<26}{'tensor':<26}{'mode':<13}{'max rel err':>12}{'tol':>9}  {'result':<6}{'time':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.layer:<22}{r.tensor:<26}{r.mode:<13}{r.max_rel_error:>12.2e}{r.tolerance:>9.0e}  "
+        lines.append(f"{r.layer:<26}{r.tensor:<26}{r.mode:<13}{r.max_rel_error:>12.2e}{r.tolerance:>9.0e}  "
                      f"{'pass' if r.passed else 'FAIL':<6}{r.seconds:>8.2f}s")
     return "\n".join(lines)
+
+
+def check_all(device="cpu", include_model=True, seed=0):
+    """Gradient checks of every layer, the loss and the whole EmotionClassifier (float64, small shapes).
+
+    This is what ``minicnn gradcheck`` runs. Inputs are seeded and kept off
+    ReLU kinks and max-pool ties, so a failure means a wrong backward pass.
+    """
+    from . import nn
+    from .backend import to_device
+    from .models import EmotionClassifier
+    from .rng import manual_seed
+
+    rng = np.random.default_rng(seed)
+
+    def off_kink(shape):
+        v = rng.standard_normal(shape)
+        return np.where(v >= 0, v + 0.05, v - 0.05)
+
+    def distinct(shape):
+        n = int(np.prod(shape))
+        return (rng.permutation(n).reshape(shape) - n / 2) * 0.05
+
+    bn_eval = nn.BatchNorm2d(3)
+    bn_eval.running_mean[:] = [0.1, -0.2, 0.3]
+    bn_eval.running_var[:] = [0.5, 1.5, 2.0]
+    cases = [
+        ("Conv2d 3x3 s1 p1", nn.Conv2d(2, 3, 3, 1, 1, seed=seed), rng.standard_normal((2, 2, 5, 5))),
+        ("Conv2d 2x2 s2 p0", nn.Conv2d(2, 3, 2, 2, 0, seed=seed), rng.standard_normal((2, 2, 6, 5))),
+        ("BatchNorm2d train", nn.BatchNorm2d(3), rng.standard_normal((3, 3, 4, 4)) * 2 + 1),
+        ("BatchNorm2d eval", bn_eval.eval(), rng.standard_normal((2, 3, 4, 4))),
+        ("ReLU", nn.ReLU(), off_kink((3, 4, 5))),
+        ("MaxPool2d 2x2", nn.MaxPool2d(2), distinct((2, 3, 6, 7))),
+        ("Dropout train", nn.Dropout(0.4, seed=seed), rng.standard_normal((4, 6))),
+        ("Flatten", nn.Flatten(), rng.standard_normal((2, 3, 2, 2))),
+        ("Linear", nn.Linear(6, 4, seed=seed), rng.standard_normal((3, 6))),
+    ]
+    results = []
+    for name, layer, x in cases:
+        layer.to(device=device, dtype=np.float64)
+        results += check_module(layer, to_device(x, device), name=name)
+    from .nn import CrossEntropyLoss
+    crit = CrossEntropyLoss(weight=rng.uniform(0.5, 2, 7), label_smoothing=0.1)
+    results += check_loss(crit, to_device(rng.standard_normal((5, 7)) * 2, device), rng.integers(0, 7, 5))
+    if include_model:
+        for mode in ("train", "eval"):
+            manual_seed(seed)
+            model = EmotionClassifier().train(mode == "train").to(device=device, dtype=np.float64)
+            x = to_device(np.random.default_rng(seed).standard_normal((2, 1, 48, 48)), device)
+            results += check_module(model, x, mode="directional", name=f"EmotionClassifier {mode}")
+    return results
