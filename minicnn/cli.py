@@ -157,6 +157,15 @@ def _cmd_visualize(args):
     return 0
 
 
+def _cmd_export(args):
+    from .training.export import export_weights
+    card = export_weights(args.checkpoint, args.out, report=args.report,
+                          extra={"machine": args.machine} if args.machine else None)
+    acc = card.get("test", {}).get("accuracy")
+    print(f"wrote {args.out}.npz and {args.out}.json" + (f" (test accuracy {acc:.2%})" if acc else ""))
+    return 0
+
+
 def _cmd_summary(args):
     from .models import EmotionClassifier
     EmotionClassifier(num_classes=args.num_classes).summary()
@@ -223,6 +232,13 @@ def build_parser():
     p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
     p.add_argument("--out", default="filters_and_maps.png")
     p.set_defaults(func=_cmd_visualize)
+
+    p = sub.add_parser("export", help="make shippable float32 weights and a JSON card from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="path without extension (writes OUT.npz and OUT.json)")
+    p.add_argument("--report", default=None, help="test_report.json of the run, for the card")
+    p.add_argument("--machine", default=None, help="where it was trained, for the card")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("summary", help="print the EmotionClassifier's layers, shapes and parameters")
     p.add_argument("--num-classes", type=int, default=7)

@@ -246,7 +246,16 @@ def test_cli_train_evaluate_predict(tmp_path, monkeypatch, capsys):
     assert lines[0].startswith(str(img)) and len(lines) == 8
     assert abs(sum(float(l.split()[-1].rstrip("%")) for l in lines[1:]) - 100) < 0.5
     predictor = EmotionPredictor(str(out / "best.npz"))
-    assert predictor.predict(load_face(img)).shape == (1, 7)
+    probs = predictor.predict(load_face(img))
+    assert probs.shape == (1, 7)
+    # Shippable weights: float32 arrays, a card, and the same predictions.
+    assert cli(["export", str(out / "best.npz"), "--report", str(out / "test_report.json"),
+                "--out", str(tmp_path / "shipped")]) == 0
+    card = json.loads((tmp_path / "shipped.json").read_text())
+    assert set(card["test"]["per_class"]) == set(predictor.classes) and card["normalization"]["std"] > 0
+    state, optim_state, _ = load_checkpoint(str(tmp_path / "shipped.npz"))
+    assert optim_state == {} and all(v.dtype == np.float32 for k, v in state.items() if "num_batches" not in k)
+    np.testing.assert_allclose(EmotionPredictor(str(tmp_path / "shipped.npz")).predict(load_face(img)), probs)
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -1,0 +1,49 @@
+"""Turn a training checkpoint into shippable weights: float32 arrays plus a JSON card.
+
+    minicnn export runs/fer2013/best.npz --report runs/fer2013/test_report.json \
+        --out minicnn/weights/emotion_fer2013
+
+writes ``emotion_fer2013.npz`` (the model's state dict in float32 and the metadata that
+``predict`` and ``evaluate`` need: classes and input normalisation; no optimizer state) and
+``emotion_fer2013.json``, the card: recipe, data, normalisation, accuracy per class, commit.
+"""
+import json
+import os
+import subprocess
+
+import numpy as np
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["export_weights"]
+
+
+def _commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export_weights(checkpoint, out_base, report=None, extra=None):
+    """Write ``out_base.npz`` and ``out_base.json``; returns the card (a dict)."""
+    state, _, meta = load_checkpoint(checkpoint)
+    state = {k: (v.astype(np.float32) if v.dtype.kind == "f" else v) for k, v in state.items()}
+    card = {
+        "model": meta["model"], "num_classes": meta["num_classes"], "classes": meta["classes"],
+        "normalization": meta["normalization"], "recipe": meta["recipe"], "data": meta["data"],
+        "epochs_trained": meta["epoch"], "best_val_acc": meta["best_val_acc"],
+        "minicnn_version": meta.get("minicnn_version"), "commit": _commit(),
+        "history": meta.get("history"),
+    }
+    if report:
+        with open(report) as f:
+            rep = json.load(f)
+        card["test"] = {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "tta": rep.get("tta", False),
+                        "per_class": rep["per_class"], "confusion_matrix": rep["confusion_matrix"],
+                        "train_minutes": rep.get("train_minutes")}
+    card.update(extra or {})
+    save_checkpoint(out_base + ".npz", state, meta=card)
+    return card
