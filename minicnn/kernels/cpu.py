@@ -264,3 +264,82 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nester
             b = momentum * buf[i] + (1 - dampening) * gi
         buf[i] = b
         p[i] -= lr * (gi + momentum * b if nesterov else b)
+
+
+# --- BatchNorm -> ReLU -> MaxPool fused (what every block of the EmotionClassifier does) ---------
+#
+# Unfused, these three layers read and write the full-size activation about six times forward and
+# nine times backward. Fused: forward reads it twice (statistics, then normalise + ReLU + pool in
+# one go, writing only the pooled output and a one-byte argmax); backward reads it twice (the two
+# BatchNorm sums touch only each window's winner, then one pass writes dL/dx). Same arithmetic,
+# same tie rule (first maximum), so the results equal the unfused layers'.
+
+@njit(**_opts)
+def bn_relu_pool_forward(x, scale, shift, k, out, arg):
+    """out = maxpool_k(relu(x * scale + shift)) on NHWC, arg = i*k + j of each window's first maximum."""
+    n, oh, ow, c = out.shape
+    for r in prange(n * oh):
+        ni, y = r // oh, r % oh
+        for xo in range(ow):
+            o = out[ni, y, xo]
+            a = arg[ni, y, xo]
+            for i in range(k):
+                for j in range(k):
+                    src = x[ni, y * k + i, xo * k + j]
+                    pos = i * k + j
+                    for ci in range(c):
+                        v = src[ci] * scale[ci] + shift[ci]
+                        v = v if v > 0 else v * 0          # ReLU (NaN -> 0 as in relu_forward)
+                        if pos == 0 or v > o[ci]:
+                            o[ci] = v
+                            a[ci] = pos
+    return out
+
+
+@njit(**_opts)
+def bn_relu_pool_grad_sums(g, arg, x, scale, shift, mean, k):
+    """sum(g_bn) and sum(g_bn * (x - mean)) per channel, where g_bn = dL/d(BatchNorm output):
+    each window's gradient at its winner, if the ReLU let it through."""
+    n, oh, ow, c = g.shape
+    rows = n * oh
+    chunks = min(rows, 256)
+    part1 = np.zeros((chunks, c))
+    part2 = np.zeros((chunks, c))
+    for t in prange(chunks):
+        s1 = np.zeros(c)
+        s2 = np.zeros(c)
+        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
+            ni, y = r // oh, r % oh
+            for xo in range(ow):
+                for ci in range(c):
+                    pos = arg[ni, y, xo, ci]
+                    xv = x[ni, y * k + pos // k, xo * k + pos % k, ci]
+                    if xv * scale[ci] + shift[ci] > 0:
+                        gv = g[ni, y, xo, ci]
+                        s1[ci] += gv
+                        s2[ci] += gv * (xv - mean[ci])
+        part1[t] = s1
+        part2[t] = s2
+    return part1.sum(axis=0), part2.sum(axis=0)
+
+
+@njit(**_opts)
+def bn_relu_pool_backward(g, arg, x, scale, shift, k, a, b, c0, dx):
+    """dx = a * g_bn + b * x + c0 per channel (BatchNorm's backward as an affine map), in one pass."""
+    n, h, w, c = dx.shape
+    _, oh, ow, _ = g.shape
+    for r in prange(n * h):
+        ni, yy = r // h, r % h
+        y, i = yy // k, yy % k
+        for xx in range(w):
+            xo, j = xx // k, xx % k
+            inside = y < oh and xo < ow
+            pos = i * k + j
+            for ci in range(c):
+                xv = x[ni, yy, xx, ci]
+                gv = xv * 0
+                if inside:
+                    if arg[ni, y, xo, ci] == pos and xv * scale[ci] + shift[ci] > 0:
+                        gv = g[ni, y, xo, ci]
+                dx[ni, yy, xx, ci] = a[ci] * gv + b[ci] * xv + c0[ci]
+    return dx

@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..backend import device_of, float_dtype, to_device, to_numpy
+from ..kernels import fast_path
 
 __all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init"]
 
@@ -347,13 +348,35 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for layer in self._modules.values():
+        plan = self._plan(x)
+        object.__setattr__(self, "_last_plan", plan)
+        for layer in plan:
             x = layer(x)
         return x
 
+    def _plan(self, x):
+        """The layers to run: these layers, except that on the fast CPU path each
+        BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step (minicnn/nn/fused.py)."""
+        layers = list(self._modules.values())
+        if not fast_path(x):
+            return layers
+        from .fused import BatchNormReLUPool, fusable      # (imported here: fused.py imports this file)
+        fused = self.__dict__.setdefault("_fused", {})
+        plan, i = [], 0
+        while i < len(layers):
+            if fusable(layers[i:i + 3]):
+                if i not in fused or fused[i].bn is not layers[i]:
+                    fused[i] = BatchNormReLUPool(*layers[i:i + 3])
+                plan.append(fused[i])
+                i += 3
+            else:
+                plan.append(layers[i])
+                i += 1
+        return plan
+
     def backward(self, dout, input_grad=True):
         """Backward through the layers in reverse; ``input_grad=False`` skips dL/dx of the first."""
-        layers = list(self._modules.values())
+        layers = self.__dict__.get("_last_plan") or list(self._modules.values())
         for layer in reversed(layers[1:]):
             dout = layer.backward(dout)
         if not layers:

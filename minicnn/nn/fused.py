@@ -1,0 +1,98 @@
+"""BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path.
+
+Not a layer of its own: :class:`~minicnn.nn.Sequential` substitutes it for
+those three layers when they follow each other, the pooling windows do not
+overlap and the input takes the fast path. It uses the three layers' own
+parameters and buffers and computes exactly what they compute one after the
+other (see the kernels' comment in :mod:`minicnn.kernels.cpu`), in fewer passes
+over memory. The plain path, and each layer called on its own, never fuse.
+"""
+import numpy as np
+
+from ..kernels import cpu_kernels
+from .module import check_input
+
+__all__ = ["BatchNormReLUPool", "fusable"]
+
+
+def fusable(layers):
+    """True for [BatchNorm2d, ReLU, MaxPool2d with stride == kernel]."""
+    from .activation import ReLU
+    from .batchnorm import BatchNorm2d
+    from .pooling import MaxPool2d
+    return (len(layers) == 3 and type(layers[0]) is BatchNorm2d and type(layers[1]) is ReLU
+            and type(layers[2]) is MaxPool2d and layers[2].stride == layers[2].kernel_size
+            and layers[2].kernel_size <= 16)
+
+
+class BatchNormReLUPool:
+    def __init__(self, bn, relu, pool):
+        self.bn, self.relu, self.pool = bn, relu, pool
+        self._cache = None
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        bn, cpu = self.bn, cpu_kernels()
+        check_input(bn, x, ("N", bn.num_features, "H", "W"), bn.weight.dtype)
+        n, c, h, w = x.shape
+        k = self.pool.kernel_size
+        oh, ow = h // k, w // k
+        if oh < 1 or ow < 1:
+            raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
+        x_nhwc = cpu.nhwc(x)
+        x2 = x_nhwc.reshape(-1, c)
+        m = x2.shape[0]
+        if bn.training:
+            if m < 2:
+                raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
+                                 f"got input of shape {tuple(x.shape)}")
+            shift0 = x2[0].astype(np.float64)
+            s1, s2 = cpu.channel_moments(x2, shift0)
+            mean = shift0 + s1 / m
+            var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
+            bn._update_running(mean.astype(x.dtype), (var * (m / (m - 1))).astype(x.dtype))
+        else:
+            mean = bn.running_mean.astype(np.float64)
+            var = bn.running_var.astype(np.float64)
+        inv_std = 1.0 / np.sqrt(var + bn.eps)
+        scale = (bn.weight.data * inv_std).astype(x.dtype)
+        shift = (bn.bias.data - mean * (bn.weight.data * inv_std)).astype(x.dtype)
+        out = np.empty((n, oh, ow, c), dtype=x.dtype)
+        arg = np.empty((n, oh, ow, c), dtype=np.uint8)
+        cpu.bn_relu_pool_forward(x_nhwc, scale, shift, k, out, arg)
+        self._cache = (x_nhwc, mean, inv_std, scale, shift, arg, bn.training, x.shape)
+        return cpu.from_nhwc(out)
+
+    def backward_params(self, dout):
+        self.backward(dout)
+
+    def backward(self, dout):
+        if self._cache is None:
+            raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+        bn, cpu = self.bn, cpu_kernels()
+        x_nhwc, mean, inv_std, scale, shift, arg, training, x_shape = self._cache
+        n, c, _, _ = x_shape
+        expected = (n, c, arg.shape[1], arg.shape[2])
+        if tuple(dout.shape) != expected:
+            raise ValueError(f"MaxPool2d.backward expects a gradient of the output's shape {expected}, "
+                             f"got {tuple(dout.shape)}")
+        g = cpu.nhwc(dout)
+        k = self.pool.kernel_size
+        sum_g, sum_g_xc = cpu.bn_relu_pool_grad_sums(g, arg, x_nhwc, scale, shift, mean, k)
+        sum_g_xhat = sum_g_xc * inv_std
+        dt = x_nhwc.dtype
+        bn.bias.accumulate_grad(sum_g.astype(dt))
+        bn.weight.accumulate_grad(sum_g_xhat.astype(dt))
+        m = x_nhwc.size // c
+        a = bn.weight.data * inv_std
+        if training:
+            b = -a * inv_std * sum_g_xhat / m
+            c0 = -a * sum_g / m - b * mean
+        else:
+            b = np.zeros_like(a)
+            c0 = np.zeros_like(a)
+        dx = np.empty_like(x_nhwc)
+        cpu.bn_relu_pool_backward(g, arg, x_nhwc, scale, shift, k, a.astype(dt), b.astype(dt), c0.astype(dt), dx)
+        return cpu.from_nhwc(dx)
