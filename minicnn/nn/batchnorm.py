@@ -97,23 +97,45 @@ class BatchNorm2d(Module):
         return scale * (dout - (sum_g.reshape(1, c, 1, 1) + xhat * sum_g_xhat.reshape(1, c, 1, 1)) / m)
 
     # --- the fast CPU path: channels-last memory, numba passes ------------------------------
-    def _forward_fast(self, x, m):
-        cpu = cpu_kernels()
-        x_nhwc = cpu.nhwc(x)
-        x2 = x_nhwc.reshape(-1, self.num_features)                  # (M, C)
-        if self.training:
-            shift = x2[0].astype(np.float64)
-            s1, s2 = cpu.channel_moments(x2, shift)
-            mean = shift + s1 / m
+    def _fast_affine(self, x2, training):
+        """Statistics of the (M, C) channels-last input -> (mean, inv_std, scale, shift) with
+        out = x * scale + shift; in training also updates the running statistics."""
+        m = x2.shape[0]
+        if training:
+            shift0 = x2[0].astype(np.float64)
+            s1, s2 = cpu_kernels().channel_moments(x2, shift0)   # shifted float64 sums: one pass
+            mean = shift0 + s1 / m
             var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
-            self._update_running(mean.astype(x.dtype), (var * (m / (m - 1))).astype(x.dtype))
+            self._update_running(mean.astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
         else:
             mean = self.running_mean.astype(np.float64)
             var = self.running_var.astype(np.float64)
         inv_std = 1.0 / np.sqrt(var + self.eps)
-        scale = self.weight.data * inv_std                              # out = x * scale + shift
+        scale = self.weight.data * inv_std
         shift = self.bias.data - mean * scale
-        out = cpu.affine_channels(x2, scale.astype(x.dtype), shift.astype(x.dtype), np.empty_like(x2))
+        return mean, inv_std, scale.astype(x2.dtype), shift.astype(x2.dtype)
+
+    def _fast_backward_affine(self, sum_g, sum_g_xc, mean, inv_std, m, training, dtype):
+        """Accumulate dgamma, dbeta from sum(g), sum(g * (x - mean)); return (a, b, c0) such that
+        dL/dx = a*g + b*x + c0 per channel (the short formula, rearranged)."""
+        sum_g_xhat = sum_g_xc * inv_std
+        self.bias.accumulate_grad(sum_g.astype(dtype))
+        self.weight.accumulate_grad(sum_g_xhat.astype(dtype))
+        a = self.weight.data * inv_std
+        if training:   # a * (g - (sum_g + xhat * sum_g_xhat) / M), xhat = (x - mean) * inv_std
+            b = -a * inv_std * sum_g_xhat / m
+            c0 = -a * sum_g / m - b * mean
+        else:          # a * g
+            b = np.zeros_like(a)
+            c0 = np.zeros_like(a)
+        return a.astype(dtype), b.astype(dtype), c0.astype(dtype)
+
+    def _forward_fast(self, x, m):
+        cpu = cpu_kernels()
+        x_nhwc = cpu.nhwc(x)
+        x2 = x_nhwc.reshape(-1, self.num_features)                  # (M, C)
+        mean, inv_std, scale, shift = self._fast_affine(x2, self.training)
+        out = cpu.affine_channels(x2, scale, shift, np.empty_like(x2))
         self._cache = ("fast", x2, mean, inv_std, self.training, x.shape, x_nhwc.shape)
         return cpu.from_nhwc(out.reshape(x_nhwc.shape))
 
@@ -122,18 +144,7 @@ class BatchNorm2d(Module):
         _, x2, mean, inv_std, training, x_shape, nhwc_shape = self._cache
         self._check_dout(dout, x_shape)
         g2 = cpu.nhwc(dout).reshape(-1, self.num_features)
-        m = x2.shape[0]
         sum_g, sum_g_xc = cpu.channel_grad_sums(g2, x2, mean)          # sum(g), sum(g * (x - mean))
-        sum_g_xhat = sum_g_xc * inv_std
-        self.bias.accumulate_grad(sum_g.astype(x2.dtype))
-        self.weight.accumulate_grad(sum_g_xhat.astype(x2.dtype))
-        scale = self.weight.data * inv_std
-        if training:   # dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M) = a*g + b*x + c0
-            b = -scale * inv_std * sum_g_xhat / m
-            c0 = -scale * sum_g / m - b * mean
-        else:          # dx = scale * g
-            b = np.zeros_like(scale)
-            c0 = np.zeros_like(scale)
-        dt = x2.dtype
-        dx = cpu.affine_channels_2(g2, x2, scale.astype(dt), b.astype(dt), c0.astype(dt), np.empty_like(x2))
+        a, b, c0 = self._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x2.shape[0], training, x2.dtype)
+        dx = cpu.affine_channels_2(g2, x2, a, b, c0, np.empty_like(x2))
         return cpu.from_nhwc(dx.reshape(nhwc_shape))

@@ -43,22 +43,10 @@ class BatchNormReLUPool:
             raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, c)
-        m = x2.shape[0]
-        if bn.training:
-            if m < 2:
-                raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
-                                 f"got input of shape {tuple(x.shape)}")
-            shift0 = x2[0].astype(np.float64)
-            s1, s2 = cpu.channel_moments(x2, shift0)
-            mean = shift0 + s1 / m
-            var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
-            bn._update_running(mean.astype(x.dtype), (var * (m / (m - 1))).astype(x.dtype))
-        else:
-            mean = bn.running_mean.astype(np.float64)
-            var = bn.running_var.astype(np.float64)
-        inv_std = 1.0 / np.sqrt(var + bn.eps)
-        scale = (bn.weight.data * inv_std).astype(x.dtype)
-        shift = (bn.bias.data - mean * (bn.weight.data * inv_std)).astype(x.dtype)
+        if bn.training and x2.shape[0] < 2:
+            raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
+                             f"got input of shape {tuple(x.shape)}")
+        mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training)
         out = np.empty((n, oh, ow, c), dtype=x.dtype)
         arg = np.empty((n, oh, ow, c), dtype=np.uint8)
         cpu.bn_relu_pool_forward(x_nhwc, scale, shift, k, out, arg)
@@ -81,18 +69,8 @@ class BatchNormReLUPool:
         g = cpu.nhwc(dout)
         k = self.pool.kernel_size
         sum_g, sum_g_xc = cpu.bn_relu_pool_grad_sums(g, arg, x_nhwc, scale, shift, mean, k)
-        sum_g_xhat = sum_g_xc * inv_std
-        dt = x_nhwc.dtype
-        bn.bias.accumulate_grad(sum_g.astype(dt))
-        bn.weight.accumulate_grad(sum_g_xhat.astype(dt))
-        m = x_nhwc.size // c
-        a = bn.weight.data * inv_std
-        if training:
-            b = -a * inv_std * sum_g_xhat / m
-            c0 = -a * sum_g / m - b * mean
-        else:
-            b = np.zeros_like(a)
-            c0 = np.zeros_like(a)
+        a, b, c0 = bn._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x_nhwc.size // c, training,
+                                            x_nhwc.dtype)
         dx = np.empty_like(x_nhwc)
-        cpu.bn_relu_pool_backward(g, arg, x_nhwc, scale, shift, k, a.astype(dt), b.astype(dt), c0.astype(dt), dx)
+        cpu.bn_relu_pool_backward(g, arg, x_nhwc, scale, shift, k, a, b, c0, dx)
         return cpu.from_nhwc(dx)
