@@ -15,7 +15,7 @@ import numpy as np
 import minicnn
 from minicnn.data import EMOTIONS, make_faces, normalize
 from minicnn.models import EmotionClassifier
-from minicnn.models.emotion import _leaf_layers
+from minicnn.models.emotion import leaf_layers
 
 
 def directional_check(layer, x, dout, d, h=1e-6):
@@ -39,7 +39,7 @@ def main():
     print(f"input: {x.shape}, labels {[EMOTIONS[i] for i in labels]}\n")
 
     print("FORWARD: each layer caches what its backward will need")
-    layers = list(_leaf_layers(model))
+    layers = list(leaf_layers(model))
     inputs, h = [], x
     for name, layer in layers:
         inputs.append(h)

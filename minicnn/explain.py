@@ -13,7 +13,7 @@ All gradients come from the model's own hand-written backward pass:
 import numpy as np
 
 from .backend import to_device, to_numpy
-from .models.emotion import _leaf_layers
+from .models.emotion import leaf_layers
 
 __all__ = ["saliency_and_gradcam", "saliency", "feature_maps", "first_layer_filters", "plot_explanation",
            "plot_filters_and_maps"]
@@ -43,7 +43,7 @@ def saliency_and_gradcam(model, x, target=None, cam_layer="features.14"):
     was_training = model.training
     model.eval()
     try:
-        layers = list(_leaf_layers(model))
+        layers = list(leaf_layers(model))
         names = [n for n, _ in layers]
         if cam_layer not in names:
             raise ValueError(f"no layer {cam_layer!r}; layers are {', '.join(names)}")
@@ -86,7 +86,7 @@ def feature_maps(model, x):
     model.eval()
     try:
         out, h = {}, to_device(x, model.device)
-        for name, layer in _leaf_layers(model):
+        for name, layer in leaf_layers(model):
             h = layer(h)
             if name in ("features.3", "features.7", "features.11", "features.15"):
                 out[f"block {len(out) + 1} ({name})"] = to_numpy(h)[0]

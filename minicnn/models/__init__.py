@@ -1,4 +1,4 @@
 """Ready-made networks."""
-from .emotion import EMOTIONS, EmotionClassifier, summary
+from .emotion import EMOTIONS, EmotionClassifier, leaf_layers, summary
 
-__all__ = ["EmotionClassifier", "EMOTIONS", "summary"]
+__all__ = ["EmotionClassifier", "EMOTIONS", "leaf_layers", "summary"]

@@ -17,10 +17,9 @@ from ..backend import to_device
 from ..nn import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
 from ..nn.module import check_input
 
-__all__ = ["EmotionClassifier", "EMOTIONS"]
+__all__ = ["EmotionClassifier", "EMOTIONS", "leaf_layers", "summary"]
 
-# FER2013's class order.
-EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from ..data.fer2013 import EMOTIONS  # noqa: E402  (FER2013's class order, the model's outputs)
 
 
 def _block(c_in, c_out):
@@ -52,12 +51,12 @@ class EmotionClassifier(Module):
         return summary(self, self.input_shape, batch_size=batch_size, file=file)
 
 
-def _leaf_layers(module, prefix=""):
+def leaf_layers(module, prefix=""):
     """(dotted name, layer) for every module without children, in registration order."""
     for name, child in module._modules.items():
         full = f"{prefix}.{name}" if prefix else name
         if child._modules:
-            yield from _leaf_layers(child, full)
+            yield from leaf_layers(child, full)
         else:
             yield full, child
 
@@ -73,7 +72,7 @@ def summary(model, input_shape, batch_size=None, file=None):
     try:
         x = to_device(np.zeros((1,) + tuple(input_shape), dtype=model.dtype), model.device)
         rows = []
-        for name, layer in _leaf_layers(model):
+        for name, layer in leaf_layers(model):
             x = layer(x)
             rows.append((name, layer, x, sum(p.size for p in layer._parameters.values())))
     finally:
