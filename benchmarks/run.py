@@ -186,16 +186,29 @@ def time_interleaved(jobs, warmup, repeats):
     return times
 
 
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def peak_memory_mb(backend_name, batch, steps=3):
-    """Extra resident memory (MB) a training step needs at its peak, in a fresh process."""
-    code = (f"import benchmarks.run as r, resource\n"
+    """Peak resident memory (MB) of training at ``batch``, in a fresh process: the highest RSS
+    during steady-state steps minus the RSS before the model was built (so it counts the weights,
+    optimizer state, the batch, work buffers and the step's activations and gradients). Linux only."""
+    code = (f"import gc, benchmarks.run as r\n"
             f"b = [b for b in r.all_backends() if b.name == {backend_name!r}][0]\n"
+            f"r._torch(); import minicnn.kernels; minicnn.kernels.cpu_kernels()\n"   # libraries: not counted
+            f"gc.collect(); base = r._rss_kb('VmRSS')\n"
             f"step, _ = b.prepare({batch})\n"
-            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"step()\n"                                   # warm-up: compile, allocate buffers
+            f"open('/proc/self/clear_refs', 'w').write('5')\n"   # reset the peak (VmHWM)
             f"for _ in range({steps}): step()\n"
-            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+            f"print((r._rss_kb('VmHWM') - base) / 1024)\n")
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None
     if out.returncode != 0:
         return None
     return float(out.stdout.strip().splitlines()[-1])

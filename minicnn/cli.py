@@ -45,7 +45,7 @@ def _cmd_train(args):
         epochs=args.epochs if args.epochs is not None else (4 if builtin else defaults.epochs),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
-        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=0.25)), seed=args.seed)
+        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed)
     trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=desc,
                       progress=not args.no_progress)
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def build_parser():
 
     p = sub.add_parser("train", help="train the EmotionClassifier (built-in faces or FER2013)")
     _add_common(p)
-    p.add_argument("--epochs", type=int, default=None, help="default: 40 on FER2013, 4 on the built-in faces")
+    p.add_argument("--epochs", type=int, default=None, help="default: 50 on FER2013, 4 on the built-in faces")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
@@ -189,6 +189,7 @@ def build_parser():
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 turns clipping off")
     p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
+    p.add_argument("--erase", type=float, default=0.0, help="probability of random erasing (default 0: off)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of Training held out for validation when the source has no PublicTest split")
     p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")

@@ -39,3 +39,9 @@ def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
 def test_cli_rejects_unknown_backends():
     with pytest.raises(SystemExit):
         bench.main(["--backends", "nope", "--out", ""])
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_is_measured_in_a_fresh_process():
+    mb = bench.peak_memory_mb("minicnn-fast", 2, steps=1)
+    assert mb is not None and 5 < mb < 2000          # at least the 6 MB of weights, nowhere near the machine

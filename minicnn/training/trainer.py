@@ -47,7 +47,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class Recipe:
     """Everything that decides a training run (saved in every checkpoint and weights card)."""
-    epochs: int = 40
+    epochs: int = 50
     batch_size: int = 64
     optimizer: str = "sgd"              # sgd (Nesterov momentum) | adam | adamw
     lr: float = 0.02
@@ -58,7 +58,7 @@ class Recipe:
     label_smoothing: float = 0.1
     clip_grad_norm: float = 5.0         # 0: off
     dropout: float = 0.5
-    augment: dict = field(default_factory=lambda: dataclasses.asdict(Augment(erase=0.25)))
+    augment: dict = field(default_factory=lambda: dataclasses.asdict(Augment(erase=0.0)))
     seed: int = 0
 
     @classmethod
