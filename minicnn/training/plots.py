@@ -49,10 +49,13 @@ def plot_confusion(cm, class_names, out_path, title="confusion matrix"):
     plt.close(fig)
 
 
-def plot_samples(images, labels, probs, class_names, out_path, n=24):
-    """A grid of faces with predicted class, its probability, and the true class (red when wrong)."""
+def plot_samples(images, labels, probs, class_names, out_path, n=24, seed=0):
+    """A grid of ``n`` faces drawn at random (seeded) with the predicted class, its probability,
+    and the true class (red when wrong)."""
     plt = _plt()
     n = min(n, len(images))
+    pick = np.random.default_rng(seed).permutation(len(images))[:n]
+    images, labels, probs = images[pick], np.asarray(labels)[pick], probs[pick]
     cols = 8
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.65))
