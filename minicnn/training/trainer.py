@@ -132,8 +132,11 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         r = self.recipe
         train_x, train_y = data["train"]
-        pixels = train_x.astype(np.float64) / 255.0
-        self.mean, self.std = float(pixels.mean()), float(pixels.std())
+        # Mean and standard deviation of the training pixels (in 0..1), from their histogram.
+        counts = np.bincount(np.asarray(train_x, dtype=np.uint8).reshape(-1), minlength=256)
+        levels = np.arange(256) / 255.0
+        self.mean = float((counts * levels).sum() / counts.sum())
+        self.std = float(np.sqrt((counts * (levels - self.mean) ** 2).sum() / counts.sum()))
         _rng.manual_seed(r.seed)
         self.model = EmotionClassifier(num_classes=len(EMOTIONS), dropout=r.dropout).to(device)
         params = self.model.parameters()
