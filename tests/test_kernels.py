@@ -1,6 +1,6 @@
 """The vectorised kernels against the naive-loop references (the oracle)."""
 import numpy as np
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from minicnn.kernels import col2im, im2col
 from minicnn.kernels import reference as ref
@@ -72,3 +72,30 @@ def test_maxpool_floor_mode_drops_the_ragged_edge():
     out = MaxPool2d(2)(x)
     assert out.shape == (1, 1, 2, 2)
     np.testing.assert_array_equal(out[0, 0], [[6, 8], [16, 18]])
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 9), st.integers(2, 9), st.sampled_from([2, 3]),
+       st.booleans(), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
+def test_fused_batchnorm_relu_pool_equals_the_three_layers(n, c, h, w, k, training, dtype, seed):
+    """Sequential fuses BatchNorm2d -> ReLU -> MaxPool2d on the fast path; results equal the plain layers'."""
+    from minicnn.kernels import fast_kernels
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    from minicnn.nn.fused import BatchNormReLUPool
+    assume(h >= k and w >= k and not (training and n * h * w < 2))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)        # odd sizes: a ragged floor-mode edge
+    results = {}
+    for fast in (False, True):
+        net = Sequential(BatchNorm2d(c), ReLU(), MaxPool2d(k)).to(dtype=dtype).train(training)
+        net[0].weight.data = np.linspace(0.5, 1.5, c).astype(dtype)
+        net[0].bias.data = np.linspace(-0.3, 0.3, c).astype(dtype)
+        with fast_kernels(fast):
+            out = net(x)
+            g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
+            dx = net.backward(g)
+            if fast:
+                assert isinstance(net._last_plan[0], BatchNormReLUPool)
+        results[fast] = (out, dx, net[0].weight.grad, net[0].bias.grad, net[0].running_mean, net[0].running_var)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
