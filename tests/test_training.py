@@ -265,3 +265,26 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert cli(["summary"]) == 0
     assert "1,572,551" in capsys.readouterr().out
+
+
+def test_shipped_weights_load_and_predict():
+    from minicnn.weights import default_weights_path
+    predictor = EmotionPredictor()
+    assert predictor.classes == ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+    card = json.loads(open(default_weights_path().replace(".npz", ".json")).read())
+    assert card["test"]["accuracy"] >= 0.66 and card["normalization"]["mean"] == predictor.mean
+    probs = predictor.predict(make_faces(3, seed=0)[0])
+    assert probs.shape == (3, 7) and np.allclose(probs.sum(1), 1)
+
+
+FER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fer2013")
+
+
+@pytest.mark.skipif(not os.path.isdir(FER), reason="FER2013 folder (../shared/data/fer2013) not present")
+def test_shipped_weights_on_real_fer2013_faces():
+    """The shipped network really recognises expressions: well above chance on PublicTest faces."""
+    from minicnn.data import load_fer2013
+    x, y = load_fer2013(FER, progress=False)["test"]
+    idx = np.random.default_rng(0).permutation(len(y))[:800]
+    acc = (EmotionPredictor().predict(x[idx]).argmax(1) == y[idx]).mean()
+    assert acc > 0.6, acc
