@@ -26,6 +26,19 @@ def device(request):
     return "gpu" if request.param == "cupy" else "cpu"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_dataset_cache(tmp_path_factory):
+    """Decoded datasets go to a temporary cache, never into the user's ~/.cache/minicnn."""
+    import os
+    old = os.environ.get("MINICNN_CACHE")
+    os.environ["MINICNN_CACHE"] = str(tmp_path_factory.mktemp("minicnn-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINICNN_CACHE", None)
+    else:
+        os.environ["MINICNN_CACHE"] = old
+
+
 def pytest_runtest_setup(item):
     """Each test runs on the path its backend names; tests without one use the default (fast)."""
     backend = getattr(getattr(item, "callspec", None), "params", {}).get("device")
