@@ -24,7 +24,7 @@ import numpy as np
 from .backend import get_array_module
 
 __all__ = ["CheckResult", "GradcheckError", "numerical_gradient", "check_module", "check_loss",
-           "assert_gradients", "format_report", "check_all"]
+           "assert_gradients", "format_report", "check_all", "off_kink", "distinct_values"]
 
 
 @dataclass
@@ -200,6 +200,18 @@ def format_report(results):
     return "\n".join(lines)
 
 
+def off_kink(rng, shape, margin=0.05):
+    """Random normal values pushed at least ``margin`` away from zero (no ReLU kinks)."""
+    v = rng.standard_normal(shape)
+    return np.where(v >= 0, v + margin, v - margin)
+
+
+def distinct_values(rng, shape, gap=0.05):
+    """Random array whose entries are pairwise at least ``gap`` apart (no max-pool ties)."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n).reshape(shape) - n / 2) * gap
+
+
 def check_all(device="cpu", include_model=True, seed=0):
     """Gradient checks of every layer, the loss and the whole EmotionClassifier (float64, small shapes).
 
@@ -212,15 +224,6 @@ def check_all(device="cpu", include_model=True, seed=0):
     from .rng import manual_seed
 
     rng = np.random.default_rng(seed)
-
-    def off_kink(shape):
-        v = rng.standard_normal(shape)
-        return np.where(v >= 0, v + 0.05, v - 0.05)
-
-    def distinct(shape):
-        n = int(np.prod(shape))
-        return (rng.permutation(n).reshape(shape) - n / 2) * 0.05
-
     bn_eval = nn.BatchNorm2d(3)
     bn_eval.running_mean[:] = [0.1, -0.2, 0.3]
     bn_eval.running_var[:] = [0.5, 1.5, 2.0]
@@ -229,8 +232,8 @@ def check_all(device="cpu", include_model=True, seed=0):
         ("Conv2d 2x2 s2 p0", nn.Conv2d(2, 3, 2, 2, 0, seed=seed), rng.standard_normal((2, 2, 6, 5))),
         ("BatchNorm2d train", nn.BatchNorm2d(3), rng.standard_normal((3, 3, 4, 4)) * 2 + 1),
         ("BatchNorm2d eval", bn_eval.eval(), rng.standard_normal((2, 3, 4, 4))),
-        ("ReLU", nn.ReLU(), off_kink((3, 4, 5))),
-        ("MaxPool2d 2x2", nn.MaxPool2d(2), distinct((2, 3, 6, 7))),
+        ("ReLU", nn.ReLU(), off_kink(rng, (3, 4, 5))),
+        ("MaxPool2d 2x2", nn.MaxPool2d(2), distinct_values(rng, (2, 3, 6, 7))),
         ("Dropout train", nn.Dropout(0.4, seed=seed), rng.standard_normal((4, 6))),
         ("Flatten", nn.Flatten(), rng.standard_normal((2, 3, 2, 2))),
         ("Linear", nn.Linear(6, 4, seed=seed), rng.standard_normal((3, 6))),

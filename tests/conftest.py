@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from minicnn.backend import gpu_available
+from minicnn.gradcheck import distinct_values, off_kink  # noqa: F401  (input helpers the tests share)
 from minicnn.kernels import use_fast_kernels
 
 try:
@@ -76,15 +77,3 @@ def torch_emotion_classifier(num_classes=7):
             return self.classifier(self.features(x))
 
     return EmotionClassifier(num_classes)
-
-
-def distinct_values(rng, shape, gap=0.05):
-    """Random array whose entries are pairwise at least ``gap`` apart (no max-pool ties)."""
-    n = int(np.prod(shape))
-    return (rng.permutation(n).reshape(shape) - n / 2) * gap
-
-
-def off_kink(rng, shape, margin=0.05):
-    """Random normal values pushed at least ``margin`` away from zero (no ReLU kinks)."""
-    x = rng.standard_normal(shape)
-    return np.where(x >= 0, x + margin, x - margin)
