@@ -49,16 +49,21 @@ class BatchNorm2d(Module):
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
-    def forward(self, x):
+    def _check_batch(self, x):
+        """The input checks every path shares; returns M = N*H*W, the values per channel."""
         check_input(self, x, ("N", self.num_features, "H", "W"), self.weight.dtype)
-        xp = get_array_module(x)
-        c = self.num_features
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if self.training and m < 2:
             raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
                              f"got input of shape {tuple(x.shape)}")
+        return m
+
+    def forward(self, x):
+        m = self._check_batch(x)
         if fast_path(x):
-            return self._forward_fast(x, m)
+            return self._forward_fast(x)
+        xp = get_array_module(x)
+        c = self.num_features
         if self.training:
             mu = x.mean(axis=(0, 2, 3))
             var = ((x - mu.reshape(1, c, 1, 1)) ** 2).mean(axis=(0, 2, 3))   # two-pass: stable
@@ -130,7 +135,7 @@ class BatchNorm2d(Module):
             c0 = np.zeros_like(a)
         return a.astype(dtype), b.astype(dtype), c0.astype(dtype)
 
-    def _forward_fast(self, x, m):
+    def _forward_fast(self, x):
         cpu = cpu_kernels()
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, self.num_features)                  # (M, C)

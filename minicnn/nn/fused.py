@@ -10,7 +10,6 @@ over memory. The plain path, and each layer called on its own, never fuse.
 import numpy as np
 
 from ..kernels import cpu_kernels
-from .module import check_input
 
 __all__ = ["BatchNormReLUPool", "fusable"]
 
@@ -35,7 +34,7 @@ class BatchNormReLUPool:
 
     def forward(self, x):
         bn, cpu = self.bn, cpu_kernels()
-        check_input(bn, x, ("N", bn.num_features, "H", "W"), bn.weight.dtype)
+        bn._check_batch(x)
         n, c, h, w = x.shape
         k = self.pool.kernel_size
         oh, ow = h // k, w // k
@@ -43,9 +42,6 @@ class BatchNormReLUPool:
             raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, c)
-        if bn.training and x2.shape[0] < 2:
-            raise ValueError(f"BatchNorm2d needs more than one value per channel in training, "
-                             f"got input of shape {tuple(x.shape)}")
         mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training)
         out = np.empty((n, oh, ow, c), dtype=x.dtype)
         arg = np.empty((n, oh, ow, c), dtype=np.uint8)
