@@ -191,6 +191,18 @@ def _rss_kb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _number_from_fresh_process(code):
+    """Run ``code`` in a new Python process at the repository root; the number it prints last, or None."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def peak_memory_mb(backend_name, batch, steps=3):
     """Peak resident memory (MB) of training at ``batch``, in a fresh process: the highest RSS
     during steady-state steps minus the RSS before the model was built (so it counts the weights,
@@ -204,14 +216,7 @@ def peak_memory_mb(backend_name, batch, steps=3):
             f"open('/proc/self/clear_refs', 'w').write('5')\n"   # reset the peak (VmHWM)
             f"for _ in range({steps}): step()\n"
             f"print((r._rss_kb('VmHWM') - base) / 1024)\n")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        return None
-    return float(out.stdout.strip().splitlines()[-1])
+    return _number_from_fresh_process(code)
 
 
 def cold_start_seconds():
@@ -220,9 +225,7 @@ def cold_start_seconds():
             "import benchmarks.run as r\n"
             "step, _ = [b for b in r.all_backends() if b.name == 'minicnn-fast'][0].prepare(8)\n"
             "step(); print(time.perf_counter() - t)\n")
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    return _number_from_fresh_process(code)
 
 
 def layer_benchmarks(batch, warmup, repeats, backends):

@@ -29,10 +29,9 @@ def _add_common(p, data=True):
 
 
 def _cmd_train(args):
-    from .data import Augment, load_dataset
+    from .data import EMOTIONS, Augment, load_dataset
     from .training import Recipe, Trainer, format_report
     from .training.plots import plot_confusion, plot_curves, plot_samples
-    from .data import EMOTIONS
     data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
     builtin = desc.startswith("built-in")
     print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
