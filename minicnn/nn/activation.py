@@ -5,7 +5,7 @@ memory layout (channels-last for images), caching the output instead of a mask.
 """
 import numpy as np
 
-from ..kernels import cpu_kernels, fast_path
+from ..kernels import cpu_kernels, fast_path, workspace
 from .module import Module, check_input
 
 __all__ = ["ReLU"]
@@ -43,7 +43,7 @@ class ReLU(Module):
 
     def _forward_fast(self, x):
         mem, back = self._memory(x)
-        out = cpu_kernels().relu_forward(mem.reshape(-1), np.empty(mem.size, dtype=mem.dtype))
+        out = cpu_kernels().relu_forward(mem.reshape(-1), workspace.empty(mem.size, mem.dtype))
         out = out.reshape(mem.shape)
         self._cache = ("fast", out, x.shape)
         return back(out)
@@ -52,5 +52,5 @@ class ReLU(Module):
         _, out, shape = self._cache
         self._check_dout(dout, shape)
         g, back = self._memory(dout)
-        dx = cpu_kernels().relu_backward(g.reshape(-1), out.reshape(-1), np.empty(g.size, dtype=g.dtype))
+        dx = cpu_kernels().relu_backward(g.reshape(-1), out.reshape(-1), workspace.empty(g.size, g.dtype))
         return back(dx.reshape(g.shape))

@@ -25,7 +25,7 @@ per-channel affine function of g and x).
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import cpu_kernels, fast_path
+from ..kernels import cpu_kernels, fast_path, workspace
 from .module import Module, Parameter, check_input
 
 __all__ = ["BatchNorm2d"]
@@ -140,7 +140,7 @@ class BatchNorm2d(Module):
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, self.num_features)                  # (M, C)
         mean, inv_std, scale, shift = self._fast_affine(x2, self.training)
-        out = cpu.affine_channels(x2, scale, shift, np.empty_like(x2))
+        out = cpu.affine_channels(x2, scale, shift, workspace.empty_like(x2))
         self._cache = ("fast", x2, mean, inv_std, self.training, x.shape, x_nhwc.shape)
         return cpu.from_nhwc(out.reshape(x_nhwc.shape))
 
@@ -151,5 +151,5 @@ class BatchNorm2d(Module):
         g2 = cpu.nhwc(dout).reshape(-1, self.num_features)
         sum_g, sum_g_xc = cpu.channel_grad_sums(g2, x2, mean)          # sum(g), sum(g * (x - mean))
         a, b, c0 = self._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x2.shape[0], training, x2.dtype)
-        dx = cpu.affine_channels_2(g2, x2, a, b, c0, np.empty_like(x2))
+        dx = cpu.affine_channels_2(g2, x2, a, b, c0, workspace.empty_like(x2))
         return cpu.from_nhwc(dx.reshape(nhwc_shape))

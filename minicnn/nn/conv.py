@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .. import rng as _rng
-from ..kernels import cpu_kernels, fast_path
+from ..kernels import cpu_kernels, fast_path, workspace
 from ..kernels.im2col import col2im, conv_output_size, im2col
 from .module import Module, Parameter, check_input, uniform_init
 
@@ -108,22 +108,15 @@ class Conv2d(Module):
         return self.backward(dout, input_grad=False)
 
     # --- the fast CPU path: channels-last memory, numba im2col/col2im --------------------
-    def _buffer(self, name, shape, dtype):
-        """A work array kept between steps (reallocated only when the shape changes)."""
-        buf = self.__dict__.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = np.empty(shape, dtype=dtype)
-            object.__setattr__(self, name, buf)
-        return buf
-
     def _forward_fast(self, x, oh, ow):
         cpu = cpu_kernels()
         k, s, p, c, oc = self.kernel_size, self.stride, self.padding, self.in_channels, self.out_channels
+        self._cache = None                           # let the last step's col go back to the workspace
         x_nhwc = cpu.nhwc(x)                                          # (N, H, W, C)
         n = x.shape[0]
-        col = cpu.im2col_nhwc(x_nhwc, k, s, p, oh, ow, self._buffer("_col", (n * oh * ow, k * k * c), x.dtype))
+        col = cpu.im2col_nhwc(x_nhwc, k, s, p, oh, ow, workspace.empty((n * oh * ow, k * k * c), x.dtype))
         w_col = self.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, oc)   # rows ordered (i, j, c)
-        out = col @ w_col                                             # (N*OH*OW, OC) = NHWC output
+        out = np.matmul(col, w_col, out=workspace.empty((n * oh * ow, oc), x.dtype))   # = NHWC output
         if self.bias is not None:
             cpu.add_row(out, self.bias.data)
         out = out.reshape(n, oh, ow, oc)
@@ -141,6 +134,6 @@ class Conv2d(Module):
         self.weight.accumulate_grad(np.ascontiguousarray(dw.transpose(3, 2, 0, 1)))
         if not input_grad:
             return None
-        dcol = np.matmul(d, w_col.T, out=self._buffer("_dcol", col.shape, col.dtype))
-        dx = cpu.col2im_nhwc(dcol, k, s, p, oh, ow, np.empty(x_shape, dtype=dout.dtype))
+        dcol = np.matmul(d, w_col.T, out=workspace.empty(col.shape, col.dtype))
+        dx = cpu.col2im_nhwc(dcol, k, s, p, oh, ow, workspace.empty(x_shape, dout.dtype))
         return cpu.from_nhwc(dx)

@@ -9,7 +9,7 @@ over memory. The plain path, and each layer called on its own, never fuse.
 """
 import numpy as np
 
-from ..kernels import cpu_kernels
+from ..kernels import cpu_kernels, workspace
 
 __all__ = ["BatchNormReLUPool", "fusable"]
 
@@ -43,8 +43,8 @@ class BatchNormReLUPool:
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, c)
         mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training)
-        out = np.empty((n, oh, ow, c), dtype=x.dtype)
-        arg = np.empty((n, oh, ow, c), dtype=np.uint8)
+        out = workspace.empty((n, oh, ow, c), x.dtype)
+        arg = workspace.empty((n, oh, ow, c), np.uint8)
         cpu.bn_relu_pool_forward(x_nhwc, scale, shift, k, out, arg)
         self._cache = (x_nhwc, mean, inv_std, scale, shift, arg, bn.training, x.shape)
         return cpu.from_nhwc(out)
@@ -67,6 +67,6 @@ class BatchNormReLUPool:
         sum_g, sum_g_xc = cpu.bn_relu_pool_grad_sums(g, arg, x_nhwc, scale, shift, mean, k)
         a, b, c0 = bn._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x_nhwc.size // c, training,
                                             x_nhwc.dtype)
-        dx = np.empty_like(x_nhwc)
+        dx = workspace.empty_like(x_nhwc)
         cpu.bn_relu_pool_backward(g, arg, x_nhwc, scale, shift, k, a, b, c0, dx)
         return cpu.from_nhwc(dx)

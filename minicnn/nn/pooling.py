@@ -15,7 +15,7 @@ memory, keeping the argmax as one byte per output.
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import cpu_kernels, fast_path
+from ..kernels import cpu_kernels, fast_path, workspace
 from ..kernels.im2col import conv_output_size
 from .module import Module, check_input
 
@@ -77,8 +77,8 @@ class MaxPool2d(Module):
         cpu = cpu_kernels()
         x_nhwc = cpu.nhwc(x)
         n, _, _, c = x_nhwc.shape
-        out = np.empty((n, oh, ow, c), dtype=x.dtype)
-        arg = np.empty((n, oh, ow, c), dtype=np.uint8)       # i*k + j of each window's maximum
+        out = workspace.empty((n, oh, ow, c), x.dtype)
+        arg = workspace.empty((n, oh, ow, c), np.uint8)      # i*k + j of each window's maximum
         cpu.maxpool_forward(x_nhwc, self.kernel_size, out, arg)
         self._cache = ("fast", x_nhwc.shape, arg, (n, c, oh, ow))
         return cpu.from_nhwc(out)
@@ -87,5 +87,5 @@ class MaxPool2d(Module):
         cpu = cpu_kernels()
         _, x_shape, arg, out_shape = self._cache
         self._check_dout(dout, out_shape)
-        dx = cpu.maxpool_backward(cpu.nhwc(dout), arg, self.kernel_size, np.empty(x_shape, dtype=dout.dtype))
+        dx = cpu.maxpool_backward(cpu.nhwc(dout), arg, self.kernel_size, workspace.empty(x_shape, dout.dtype))
         return cpu.from_nhwc(dx)
