@@ -1,4 +1,4 @@
-"""minicnn against PyTorch, side by side, in one process.
+"""minicnn against PyTorch, side by side, taking turns.
 
     python -m benchmarks                 # full run: batch 64 and 128, layers too (a few minutes)
     python -m benchmarks --quick         # under a minute
@@ -7,10 +7,11 @@
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
 available: minicnn's plain path, its fast CPU path, CuPy (with a GPU), PyTorch
-CPU (NCHW and channels_last) and PyTorch CUDA. Backends run interleaved, one
-step each in turn, so drift in the machine's speed hits all alike; the table
-quotes medians after warm-up, ratios to PyTorch, and the fraction of the GEMM
-bound (the step's FLOPs at the sgemm rate measured in the same run). Writes
+CPU (NCHW and channels_last) and PyTorch CUDA. Each backend runs in a worker
+process of its own (as its users run it: no shared thread pools), and the
+workers take turns, one step each, so drift in the machine's speed hits all
+alike; the table quotes medians after warm-up, ratios to PyTorch, and the
+fraction of the GEMM bound (the step's FLOPs at the sgemm rate measured in the same run). Writes
 ``results/benchmark-<date>.json``, ``results/latest.json`` and a PNG chart.
 """
 import os
@@ -55,15 +56,44 @@ def _torch():
 
 # --- backends ----------------------------------------------------------------------------
 
+# Each layer of the network at its input's (channels, height and width): (channels, size, factory).
+LAYERS = {
+    "conv1": (1, 48, lambda m: m.Conv2d(1, 32, 3, 1, 1)),
+    "bn1": (32, 48, lambda m: m.BatchNorm2d(32)),
+    "relu1": (32, 48, lambda m: m.ReLU()),
+    "pool1": (32, 48, lambda m: m.MaxPool2d(2)),
+    "conv2": (32, 24, lambda m: m.Conv2d(32, 64, 3, 1, 1)),
+    "conv3": (64, 12, lambda m: m.Conv2d(64, 128, 3, 1, 1)),
+    "conv4": (128, 6, lambda m: m.Conv2d(128, 256, 3, 1, 1)),
+    "fc1": (2304, None, lambda m: m.Linear(2304, 512)),
+}
+
+
+def _layer_input(lname, batch):
+    c, hw, _ = LAYERS[lname]
+    shape = (batch, c) if hw is None else (batch, c, hw, hw)
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
 class Backend:
-    """A way to run the network: ``prepare(batch)`` returns (train_step, infer) callables."""
+    """A way to run the network, inside a benchmark worker process: ``prepare(batch)`` returns
+    (train_step, infer) callables; ``layer_jobs(layer, batch)`` {job name: callable}."""
     name = "?"
 
     def available(self):
         return True
 
+    def setup(self):
+        pass
+
+    def info(self):
+        return {}
+
     def sync(self):
         pass
+
+    def layer_jobs(self, lname, batch):
+        return {}
 
 
 class MinicnnBackend(Backend):
@@ -102,6 +132,25 @@ class MinicnnBackend(Backend):
 
         return train_step, infer
 
+    def layer_jobs(self, lname, batch):
+        if self.device != "cpu":
+            return {}
+        from minicnn import nn
+        layer, x = LAYERS[lname][2](nn), _layer_input(lname, batch)
+        if self.fast and x.ndim == 4:             # hand the layer channels-last memory, as in the model
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        fast = self.fast
+
+        def fwd():
+            with fast_kernels(fast):
+                return layer(x)
+        g = np.ones_like(fwd())
+
+        def bwd():
+            with fast_kernels(fast):
+                layer.backward(g)
+        return {"forward": fwd, "backward": bwd}
+
 
 class TorchBackend(Backend):
     def __init__(self, name, device, channels_last):
@@ -114,6 +163,37 @@ class TorchBackend(Backend):
     def sync(self):
         if self.device == "cuda":
             _torch().cuda.synchronize()
+
+    def setup(self):
+        _torch().set_num_threads(os.cpu_count() or 1)
+
+    def info(self):
+        torch = _torch()
+        info = dict(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        if self.device == "cuda":
+            info.update(gpu=torch.cuda.get_device_name(0),
+                        torch_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                        torch_tf32_cudnn=torch.backends.cudnn.allow_tf32)
+        return info
+
+    def layer_jobs(self, lname, batch):
+        if self.device != "cpu":
+            return {}
+        torch = _torch()
+        layer, x = LAYERS[lname][2](torch.nn), torch.from_numpy(_layer_input(lname, batch))
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            layer = layer.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return layer(x)
+
+        def fwd_bwd():                        # forward with autograd, then backward
+            out = layer(x)
+            out.backward(torch.ones_like(out))
+        return {"forward": fwd, "forward+backward": fwd_bwd}
 
     def prepare(self, batch, seed=0):
         torch = _torch()
@@ -169,20 +249,110 @@ def sgemm_rate(n=2048, repeats=5):
     return 2 * n ** 3 / float(np.median(times)) / 1e9
 
 
-def time_interleaved(jobs, warmup, repeats):
-    """jobs: {key: (fn, sync)}; run each once per round, in turn; return {key: [seconds]}."""
-    for fn, sync in jobs.values():
-        for _ in range(warmup):
-            fn()
-        sync()
-    times = {k: [] for k in jobs}
+class Workers:
+    """One worker process per backend, each timing its own jobs when the parent asks.
+
+    Each library runs in a process of its own, as its users run it: PyTorch's
+    OpenMP threads and minicnn's (numba's) would otherwise share one runtime and
+    its spin/sleep policy, and whichever library set it first would slow the
+    other. The parent still interleaves them -- one job of each backend in turn,
+    round after round -- and the others wait idle on their pipes meanwhile, so
+    drift in the machine's speed hits all alike.
+    """
+
+    def __init__(self, names):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = {}, []
+        for name in names:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, name), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.conns[name] = parent
+        self.available = [n for n in names if self.ask(n, "hello")]
+        for n in set(names) - set(self.available):
+            self.ask(n, "stop")
+
+    def ask(self, name, *msg):
+        conn = self.conns[name]
+        conn.send(msg)
+        if msg[0] == "stop":
+            return None
+        kind, value = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"benchmark worker {name!r} failed:\n{value}")
+        return value
+
+    def close(self):
+        for n in self.available:
+            try:
+                self.ask(n, "stop")
+            except (OSError, EOFError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _worker(conn, name):
+    """A worker process: prepares jobs for one backend and times them on request."""
+    import traceback
+    backend = next(b for b in all_backends() if b.name == name)
+    jobs = {}
+    while True:
+        msg = conn.recv()
+        try:
+            if msg[0] == "stop":
+                return
+            if msg[0] == "hello":
+                ok = backend.available()
+                if ok:
+                    backend.setup()
+                reply = ok
+            elif msg[0] == "info":
+                reply = backend.info()
+            elif msg[0] == "model":
+                train, infer = backend.prepare(msg[1])
+                jobs = {"train": train, "infer": infer}
+                reply = list(jobs)
+            elif msg[0] == "layer":
+                jobs = backend.layer_jobs(msg[1], msg[2])
+                reply = list(jobs)
+            elif msg[0] == "run":
+                fn, times = jobs[msg[1]], []
+                for _ in range(msg[2]):
+                    backend.sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    backend.sync()
+                    times.append(time.perf_counter() - t0)
+                reply = times
+            else:
+                raise ValueError(f"unknown request {msg!r}")
+            conn.send(("ok", reply))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+def time_interleaved(workers, jobs, warmup, repeats):
+    """jobs: {backend: [job names]} prepared in ``workers``; each job runs ``warmup`` times, then
+    once per round, backends and jobs in turn; returns {(backend, job): [seconds]}."""
+    for name, names in jobs.items():
+        for job in names:
+            workers.ask(name, "run", job, warmup)
+    times = {(name, job): [] for name, names in jobs.items() for job in names}
     for _ in range(repeats):
-        for key, (fn, sync) in jobs.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - t0)
+        for name, names in jobs.items():
+            for job in names:
+                times[(name, job)] += workers.ask(name, "run", job, 1)
     return times
 
 
@@ -209,7 +379,7 @@ def peak_memory_mb(backend_name, batch, steps=3):
     optimizer state, the batch, work buffers and the step's activations and gradients). Linux only."""
     code = (f"import gc, benchmarks.run as r\n"
             f"b = [b for b in r.all_backends() if b.name == {backend_name!r}][0]\n"
-            f"r._torch(); import minicnn.kernels; minicnn.kernels.cpu_kernels()\n"   # libraries: not counted
+            f"r._torch() if b.name.startswith('torch') else __import__('minicnn.kernels').kernels.cpu_kernels()\n"
             f"gc.collect(); base = r._rss_kb('VmRSS')\n"
             f"step, _ = b.prepare({batch})\n"
             f"step()\n"                                   # warm-up: compile, allocate buffers
@@ -228,60 +398,13 @@ def cold_start_seconds():
     return _number_from_fresh_process(code)
 
 
-def layer_benchmarks(batch, warmup, repeats, backends):
+def layer_benchmarks(workers, batch, warmup, repeats):
     """Forward and backward of each layer of the network at its real input shape."""
-    from minicnn import nn
-    torch = _torch()
-    shapes = [("conv1", (1, 48), lambda m: m.Conv2d(1, 32, 3, 1, 1)),
-              ("bn1", (32, 48), lambda m: m.BatchNorm2d(32)), ("relu1", (32, 48), lambda m: m.ReLU()),
-              ("pool1", (32, 48), lambda m: m.MaxPool2d(2)),
-              ("conv2", (32, 24), lambda m: m.Conv2d(32, 64, 3, 1, 1)),
-              ("conv3", (64, 12), lambda m: m.Conv2d(64, 128, 3, 1, 1)),
-              ("conv4", (128, 6), lambda m: m.Conv2d(128, 256, 3, 1, 1)),
-              ("fc1", (2304, None), lambda m: m.Linear(2304, 512))]
     rows = []
-    rng = np.random.default_rng(0)
-    for lname, (c, hw), make in shapes:
-        shape = (batch, c) if hw is None else (batch, c, hw, hw)
-        x = rng.standard_normal(shape).astype(np.float32)
-        jobs = {}
-        for b in backends:
-            if isinstance(b, MinicnnBackend) and b.device == "cpu":
-                layer = make(nn)
-                if b.fast and len(shape) == 4:     # hand the layer channels-last memory, as in the model
-                    xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-                else:
-                    xin = x
-
-                def fwd(layer=layer, xin=xin, fast=b.fast):
-                    with fast_kernels(fast):
-                        return layer(xin)
-                out = fwd()
-                g = np.ones_like(out)
-
-                def bwd(layer=layer, g=g, fast=b.fast, fwd=fwd):
-                    with fast_kernels(fast):
-                        layer.backward(g)
-                jobs[(b.name, "forward")] = (fwd, b.sync)
-                jobs[(b.name, "backward")] = (bwd, b.sync)
-            elif isinstance(b, TorchBackend) and b.device == "cpu":
-                tlayer = make(torch.nn)
-                tx = torch.from_numpy(x)
-                if b.channels_last and len(shape) == 4:
-                    tx = tx.contiguous(memory_format=torch.channels_last)
-                    tlayer = tlayer.to(memory_format=torch.channels_last)
-                tx.requires_grad_(True)
-
-                def tfwd(tlayer=tlayer, tx=tx):
-                    with torch.no_grad():
-                        return tlayer(tx)
-
-                def tbwd(tlayer=tlayer, tx=tx):     # forward with autograd, then backward
-                    out = tlayer(tx)
-                    out.backward(torch.ones_like(out))
-                jobs[(b.name, "forward")] = (tfwd, b.sync)
-                jobs[(b.name, "forward+backward")] = (tbwd, b.sync)
-        times = time_interleaved(jobs, warmup, repeats)
+    for lname in LAYERS:
+        jobs = {name: workers.ask(name, "layer", lname, batch) for name in workers.available}
+        jobs = {name: names for name, names in jobs.items() if names}
+        times = time_interleaved(workers, jobs, warmup, repeats)
         for (bname, what), ts in times.items():
             rows.append(dict(layer=lname, backend=bname, what=what, batch=batch,
                              median_ms=1e3 * float(np.median(ts))))
@@ -332,7 +455,7 @@ def plot(results, path):
     plt.close(fig)
 
 
-def machine_info():
+def machine_info(workers):
     info = dict(python=platform.python_version(), platform=platform.platform(), cpus=os.cpu_count(),
                 numpy=np.__version__, minicnn=minicnn.__version__)
     try:
@@ -340,35 +463,43 @@ def machine_info():
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     except OSError:
         pass
-    torch = _torch()
-    if torch is not None:
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["torch_tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-            info["torch_tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    for name in workers.available:
+        info.update(workers.ask(name, "info"))
     return info
 
 
 def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, backends=None, out=RESULTS,
         chart=True):
-    backends = [b for b in (backends or all_backends()) if b.available()]
-    torch = _torch()
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count() or 1)
+    """Run the suite; ``backends``: names or Backend objects (default: all that are available)."""
+    names = [getattr(b, "name", b) for b in (backends or all_backends())]
+    with Workers(names) as workers:
+        report = _run(workers, batch_sizes, repeats, warmup, layers)
+        report["machine"] = machine_info(workers)
+    if memory:
+        report["peak_memory_mb"] = {name: peak_memory_mb(name, batch_sizes[0])
+                                    for name in ("minicnn-fast", "minicnn-plain", "torch-cpu", "torch-cpu-cl")
+                                    if name in workers.available}
+        report["peak_memory_batch"] = batch_sizes[0]
+        report["cold_start_s"] = cold_start_seconds()
+    if out:
+        os.makedirs(out, exist_ok=True)
+        stamp = datetime.date.today().isoformat()
+        for name in (f"benchmark-{stamp}.json", "latest.json"):
+            with open(os.path.join(out, name), "w") as f:
+                json.dump(report, f, indent=1)
+        if chart:
+            plot(report["results"], os.path.join(out, "latest.png"))
+    return report
+
+
+def _run(workers, batch_sizes, repeats, warmup, layers):
     gemm_before = sgemm_rate()
     results = []
     for batch in batch_sizes:
-        jobs, meta = {}, {}
-        for b in backends:
-            train, infer = b.prepare(batch)
-            jobs[(b.name, "train")] = (train, b.sync)
-            jobs[(b.name, "infer")] = (infer, b.sync)
-        times = time_interleaved(jobs, warmup, repeats)
+        jobs = {name: workers.ask(name, "model", batch) for name in workers.available}
+        times = time_interleaved(workers, jobs, warmup, repeats)
         for (name, what), ts in times.items():
             med = float(np.median(ts))
-            meta[(name, what)] = med
             results.append(dict(backend=name, what=what, batch=batch, median_ms=1e3 * med,
                                 images_per_s=batch / med, repeats=repeats,
                                 flop=(TRAIN_FLOP if what == "train" else FORWARD_FLOP) * batch))
@@ -382,26 +513,12 @@ def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, b
                 r[key] = r["median_ms"] / other["median_ms"]
         if "cupy" not in r["backend"] and "cuda" not in r["backend"]:
             r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
-    report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
+    report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                   command="python -m benchmarks " + " ".join(sys.argv[1:]),
                   sgemm_gflops=gemm, train_flop_per_image=TRAIN_FLOP, forward_flop_per_image=FORWARD_FLOP,
                   results=results)
     if layers:
-        report["layers"] = layer_benchmarks(batch_sizes[0], warmup, repeats, backends)
-    if memory:
-        report["peak_memory_mb"] = {name: peak_memory_mb(name, batch_sizes[0])
-                                    for name in ("minicnn-fast", "minicnn-plain", "torch-cpu", "torch-cpu-cl")
-                                    if any(b.name == name for b in backends)}
-        report["peak_memory_batch"] = batch_sizes[0]
-        report["cold_start_s"] = cold_start_seconds()
-    if out:
-        os.makedirs(out, exist_ok=True)
-        stamp = datetime.date.today().isoformat()
-        for name in (f"benchmark-{stamp}.json", "latest.json"):
-            with open(os.path.join(out, name), "w") as f:
-                json.dump(report, f, indent=1)
-        if chart:
-            plot(results, os.path.join(out, "latest.png"))
+        report["layers"] = layer_benchmarks(workers, batch_sizes[0], warmup, repeats)
     return report
 
 
