@@ -253,7 +253,6 @@ def maxpool_backward(g, arg, k, dx):
     return dx
 
 
-@njit(**_opts)
 def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
     """PyTorch's SGD step for one flat parameter, in one pass (see minicnn.optim.sgd)."""
     for i in prange(p.size):
@@ -264,6 +263,14 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nester
             b = momentum * buf[i] + (1 - dampening) * gi
         buf[i] = b
         p[i] -= lr * (gi + momentum * b if nesterov else b)
+
+
+# Starting a parallel loop wakes the sleeping worker threads: about 0.1-0.3 ms on the 2-core test
+# machine, more than the whole update of a bias vector. Below SERIAL_BELOW elements, the same loop
+# compiled without threads runs instead (minicnn.optim.SGD picks by size).
+SERIAL_BELOW = 1 << 16
+sgd_momentum_update_serial = njit(**dict(_opts, parallel=False))(sgd_momentum_update)
+sgd_momentum_update = njit(**_opts)(sgd_momentum_update)
 
 
 # --- BatchNorm -> ReLU -> MaxPool fused (what every block of the EmotionClassifier does) ---------

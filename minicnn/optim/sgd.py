@@ -51,6 +51,7 @@ class SGD(Optimizer):
         if first:
             buf = state["momentum_buffer"] = np.empty_like(p.data)
         g = np.ascontiguousarray(p.grad, dtype=p.data.dtype)
-        cpu_kernels().sgd_momentum_update(p.data.reshape(-1), g.reshape(-1), buf.reshape(-1), self.lr,
-                                          self.momentum, self.dampening, self.weight_decay,
-                                          self.nesterov, first)
+        cpu = cpu_kernels()
+        update = cpu.sgd_momentum_update if p.data.size >= cpu.SERIAL_BELOW else cpu.sgd_momentum_update_serial
+        update(p.data.reshape(-1), g.reshape(-1), buf.reshape(-1), self.lr, self.momentum, self.dampening,
+               self.weight_decay, self.nesterov, first)
