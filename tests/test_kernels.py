@@ -99,3 +99,45 @@ def test_fused_batchnorm_relu_pool_equals_the_three_layers(n, c, h, w, k, traini
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(3, 9), st.sampled_from([2, 3]),
+       st.booleans(), st.booleans(), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
+def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias, dtype, seed):
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d fused (the conv bias folded into the BatchNorm):
+    same output, input gradient, parameter gradients and running statistics as the layers one by one."""
+    from minicnn.kernels import fast_kernels
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    from minicnn.nn.fused import ConvBatchNormReLUPool
+    assume(hw >= k and not (training and n * hw * hw < 2))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, hw, hw)).astype(dtype)
+    results = {}
+    for fused in (False, True):
+        net = Sequential(Conv2d(c, oc, 3, padding=1, bias=bias, seed=seed), BatchNorm2d(oc), ReLU(),
+                         MaxPool2d(k)).to(dtype=dtype)
+        if bias:
+            net[0].bias.data = np.linspace(-2, 2, oc).astype(dtype)       # large: it must cancel
+        net[1].set_buffer("running_mean", np.linspace(-0.5, 0.5, oc).astype(dtype))
+        net[1].weight.data = np.linspace(0.5, 1.5, oc).astype(dtype)
+        net.train(training)
+        with fast_kernels(True):
+            if fused:
+                out = net(x)
+                assert isinstance(net._last_plan[0], ConvBatchNormReLUPool)
+            else:                      # each layer on its own (the fast path, but never fused)
+                out = x
+                for layer in net:
+                    out = layer(out)
+            g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
+            if fused:
+                dx = net.backward(g)
+            else:
+                dx = g
+                for layer in reversed(list(net)):
+                    dx = layer.backward(dx)
+        grads = [p.grad for p in net.parameters()]
+        results[fused] = [out, dx, net[1].running_mean, net[1].running_var] + grads
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)

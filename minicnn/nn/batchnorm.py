@@ -102,18 +102,23 @@ class BatchNorm2d(Module):
         return scale * (dout - (sum_g.reshape(1, c, 1, 1) + xhat * sum_g_xhat.reshape(1, c, 1, 1)) / m)
 
     # --- the fast CPU path: channels-last memory, numba passes ------------------------------
-    def _fast_affine(self, x2, training):
+    def _fast_affine(self, x2, training, offset=None):
         """Statistics of the (M, C) channels-last input -> (mean, inv_std, scale, shift) with
-        out = x * scale + shift; in training also updates the running statistics."""
+        out = x * scale + shift; in training also updates the running statistics.
+
+        ``offset``: the true input is ``x2 + offset`` (a conv bias not added yet). In training it
+        cancels (the mean moves with it) and only enters the running mean; ``mean`` and ``shift``
+        are returned for ``x2`` itself."""
         m = x2.shape[0]
+        offset = np.zeros(x2.shape[1]) if offset is None else offset.astype(np.float64)
         if training:
             shift0 = x2[0].astype(np.float64)
             s1, s2 = cpu_kernels().channel_moments(x2, shift0)   # shifted float64 sums: one pass
             mean = shift0 + s1 / m
             var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
-            self._update_running(mean.astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
+            self._update_running((mean + offset).astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
         else:
-            mean = self.running_mean.astype(np.float64)
+            mean = self.running_mean.astype(np.float64) - offset
             var = self.running_var.astype(np.float64)
         inv_std = 1.0 / np.sqrt(var + self.eps)
         scale = self.weight.data * inv_std
@@ -122,7 +127,9 @@ class BatchNorm2d(Module):
 
     def _fast_backward_affine(self, sum_g, sum_g_xc, mean, inv_std, m, training, dtype):
         """Accumulate dgamma, dbeta from sum(g), sum(g * (x - mean)); return (a, b, c0) such that
-        dL/dx = a*g + b*x + c0 per channel (the short formula, rearranged)."""
+        dL/dx = a*g + b*x + c0 per channel (the short formula, rearranged), and sum(dL/dx) over
+        the M values of each channel, in float64: a*sum(g) + b*M*mean + c0*M, which is 0 in
+        training (a shift of the input does not change the output) and a*sum(g) in eval."""
         sum_g_xhat = sum_g_xc * inv_std
         self.bias.accumulate_grad(sum_g.astype(dtype))
         self.weight.accumulate_grad(sum_g_xhat.astype(dtype))
@@ -133,7 +140,8 @@ class BatchNorm2d(Module):
         else:          # a * g
             b = np.zeros_like(a)
             c0 = np.zeros_like(a)
-        return a.astype(dtype), b.astype(dtype), c0.astype(dtype)
+        sum_dx = a * sum_g + b * m * mean + c0 * m
+        return a.astype(dtype), b.astype(dtype), c0.astype(dtype), sum_dx
 
     def _forward_fast(self, x):
         cpu = cpu_kernels()
@@ -150,6 +158,7 @@ class BatchNorm2d(Module):
         self._check_dout(dout, x_shape)
         g2 = cpu.nhwc(dout).reshape(-1, self.num_features)
         sum_g, sum_g_xc = cpu.channel_grad_sums(g2, x2, mean)          # sum(g), sum(g * (x - mean))
-        a, b, c0 = self._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x2.shape[0], training, x2.dtype)
+        a, b, c0, _ = self._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x2.shape[0], training,
+                                                 x2.dtype)
         dx = cpu.affine_channels_2(g2, x2, a, b, c0, workspace.empty_like(x2))
         return cpu.from_nhwc(dx.reshape(nhwc_shape))

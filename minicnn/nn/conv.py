@@ -67,13 +67,18 @@ class Conv2d(Module):
         k, s, p = self.kernel_size, self.stride, self.padding
         return (n, self.out_channels, conv_output_size(h, k, s, p), conv_output_size(w, k, s, p))
 
-    def forward(self, x):
+    def _check(self, x):
+        """Check the input; return the output's (N, OC, OH, OW)."""
         check_input(self, x, ("N", self.in_channels, "H", "W"), self.weight.dtype)
-        k, s, p = self.kernel_size, self.stride, self.padding
-        n, _, oh, ow = self.output_shape(x.shape)
-        if oh < 1 or ow < 1:
+        shape = self.output_shape(x.shape)
+        if shape[2] < 1 or shape[3] < 1:
             raise ValueError(f"Conv2d input of spatial size {tuple(x.shape[2:])} is smaller than the "
-                             f"kernel ({k}x{k}) with padding {p}")
+                             f"kernel ({self.kernel_size}x{self.kernel_size}) with padding {self.padding}")
+        return shape
+
+    def forward(self, x):
+        n, _, oh, ow = self._check(x)
+        k, s, p = self.kernel_size, self.stride, self.padding
         if fast_path(x):
             return self._forward_fast(x, oh, ow)
         xp = get_array_module(x)
@@ -108,7 +113,8 @@ class Conv2d(Module):
         return self.backward(dout, input_grad=False)
 
     # --- the fast CPU path: channels-last memory, numba im2col/col2im --------------------
-    def _forward_fast(self, x, oh, ow):
+    def _forward_fast(self, x, oh, ow, add_bias=True):
+        """``add_bias=False`` leaves the bias out (a BatchNorm that follows takes it into account)."""
         cpu = cpu_kernels()
         k, s, p, c, oc = self.kernel_size, self.stride, self.padding, self.in_channels, self.out_channels
         self._cache = None                           # let the last step's col go back to the workspace
@@ -117,21 +123,24 @@ class Conv2d(Module):
         col = cpu.im2col_nhwc(x_nhwc, k, s, p, oh, ow, workspace.empty((n * oh * ow, k * k * c), x.dtype))
         w_col = self.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, oc)   # rows ordered (i, j, c)
         out = np.matmul(col, w_col, out=workspace.empty((n * oh * ow, oc), x.dtype))   # = NHWC output
-        if self.bias is not None:
+        if self.bias is not None and add_bias:
             cpu.add_row(out, self.bias.data)
         out = out.reshape(n, oh, ow, oc)
         self._cache = ("fast", x_nhwc.shape, col, w_col, (n, oc, oh, ow))
         return cpu.from_nhwc(out)
 
-    def _backward_fast(self, dout, input_grad):
+    def _backward_fast(self, dout, input_grad, bias_grad=None):
+        """``bias_grad``: dL/db when the caller knows it already (the column sums of ``dout``)."""
         cpu = cpu_kernels()
         _, x_shape, col, w_col, (n, oc, oh, ow) = self._cache
         k, s, p = self.kernel_size, self.stride, self.padding
         d = cpu.nhwc(dout).reshape(-1, oc)                            # (N*OH*OW, OC)
         if self.bias is not None:
-            self.bias.accumulate_grad(cpu.column_sums(d).astype(d.dtype))
-        dw = (col.T @ d).reshape(k, k, self.in_channels, oc)          # (i, j, c, OC)
-        self.weight.accumulate_grad(np.ascontiguousarray(dw.transpose(3, 2, 0, 1)))
+            self.bias.accumulate_grad((cpu.column_sums(d) if bias_grad is None else bias_grad).astype(d.dtype))
+        dw = np.matmul(col.T, d, out=workspace.empty(w_col.shape, d.dtype))   # rows (i, j, c), columns OC
+        grad = workspace.empty(self.weight.shape, d.dtype)
+        grad[...] = dw.reshape(k, k, self.in_channels, oc).transpose(3, 2, 0, 1)
+        self.weight.accumulate_grad(grad)
         if not input_grad:
             return None
         dcol = np.matmul(d, w_col.T, out=workspace.empty(col.shape, col.dtype))

@@ -1,17 +1,23 @@
-"""BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path.
+"""[Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path.
 
-Not a layer of its own: :class:`~minicnn.nn.Sequential` substitutes it for
-those three layers when they follow each other, the pooling windows do not
-overlap and the input takes the fast path. It uses the three layers' own
-parameters and buffers and computes exactly what they compute one after the
-other (see the kernels' comment in :mod:`minicnn.kernels.cpu`), in fewer passes
-over memory. The plain path, and each layer called on its own, never fuse.
+Not layers of their own: :class:`~minicnn.nn.Sequential` substitutes these steps
+for the layers when they follow each other, the pooling windows do not overlap
+and the input takes the fast path. They use the layers' own parameters and
+buffers and compute what the layers compute one after the other (see the
+kernels' comment in :mod:`minicnn.kernels.cpu`), in fewer passes over memory.
+The plain path, and each layer called on its own, never fuse.
+
+With a Conv2d in front, its bias is never added: a per-channel constant added
+before a BatchNorm in training mode moves the batch mean by the same amount and
+cancels (it only enters the running mean), and in eval mode it folds into the
+BatchNorm's shift. Its gradient, the per-channel sum of dL/d(conv output), comes
+from the BatchNorm's sums for free: exactly 0 in training, up to rounding.
 """
 import numpy as np
 
 from ..kernels import cpu_kernels, workspace
 
-__all__ = ["BatchNormReLUPool", "fusable"]
+__all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "fusable", "fusable_with_conv"]
 
 
 def fusable(layers):
@@ -24,6 +30,12 @@ def fusable(layers):
             and layers[2].kernel_size <= 16)
 
 
+def fusable_with_conv(layers):
+    """True for [Conv2d, BatchNorm2d, ReLU, MaxPool2d with stride == kernel]."""
+    from .conv import Conv2d
+    return len(layers) == 4 and type(layers[0]) is Conv2d and fusable(layers[1:])
+
+
 class BatchNormReLUPool:
     def __init__(self, bn, relu, pool):
         self.bn, self.relu, self.pool = bn, relu, pool
@@ -32,7 +44,8 @@ class BatchNormReLUPool:
     def __call__(self, x):
         return self.forward(x)
 
-    def forward(self, x):
+    def forward(self, x, offset=None):
+        """``offset``: the true input is x + offset per channel (a conv bias left out)."""
         bn, cpu = self.bn, cpu_kernels()
         bn._check_batch(x)
         n, c, h, w = x.shape
@@ -42,7 +55,7 @@ class BatchNormReLUPool:
             raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, c)
-        mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training)
+        mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training, offset)
         out = workspace.empty((n, oh, ow, c), x.dtype)
         arg = workspace.empty((n, oh, ow, c), np.uint8)
         cpu.bn_relu_pool_forward(x_nhwc, scale, shift, k, out, arg)
@@ -53,6 +66,10 @@ class BatchNormReLUPool:
         self.backward(dout)
 
     def backward(self, dout):
+        return self._backward(dout)[0]
+
+    def _backward(self, dout):
+        """(dL/dx, per-channel float64 sum of dL/dx)."""
         if self._cache is None:
             raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
         bn, cpu = self.bn, cpu_kernels()
@@ -65,8 +82,33 @@ class BatchNormReLUPool:
         g = cpu.nhwc(dout)
         k = self.pool.kernel_size
         sum_g, sum_g_xc = cpu.bn_relu_pool_grad_sums(g, arg, x_nhwc, scale, shift, mean, k)
-        a, b, c0 = bn._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x_nhwc.size // c, training,
-                                            x_nhwc.dtype)
+        a, b, c0, sum_dx = bn._fast_backward_affine(sum_g, sum_g_xc, mean, inv_std, x_nhwc.size // c,
+                                                    training, x_nhwc.dtype)
         dx = workspace.empty_like(x_nhwc)
         cpu.bn_relu_pool_backward(g, arg, x_nhwc, scale, shift, k, a, b, c0, dx)
-        return cpu.from_nhwc(dx)
+        return cpu.from_nhwc(dx), sum_dx
+
+
+class ConvBatchNormReLUPool:
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d; the conv's bias handled by the BatchNorm."""
+
+    def __init__(self, conv, bn, relu, pool):
+        self.conv, self.bn = conv, bn
+        self.rest = BatchNormReLUPool(bn, relu, pool)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        conv = self.conv
+        _, _, oh, ow = conv._check(x)
+        y = conv._forward_fast(x, oh, ow, add_bias=False)
+        return self.rest.forward(y, offset=None if conv.bias is None else conv.bias.data)
+
+    def backward(self, dout, input_grad=True):
+        conv = self.conv
+        dy, sum_dy = self.rest._backward(dout)
+        return conv._backward_fast(dy, input_grad, bias_grad=sum_dy)
+
+    def backward_params(self, dout):
+        return self.backward(dout, input_grad=False)

@@ -8,7 +8,10 @@ Flatten: (N, C, H, W) -> (N, C*H*W); its backward reshapes the gradient back.
 """
 import math
 
+import numpy as np
+
 from .. import rng as _rng
+from ..kernels import fast_path, workspace
 from .module import Module, Parameter, check_input, uniform_init
 
 __all__ = ["Flatten", "Linear"]
@@ -58,7 +61,10 @@ class Linear(Module):
     def backward(self, dout, input_grad=True):
         x, out_shape = self._saved()
         self._check_dout(dout, out_shape)
-        self.weight.accumulate_grad(dout.T @ x)
+        if fast_path(x):     # the same product, into reused memory (minicnn/kernels/workspace.py)
+            self.weight.accumulate_grad(np.matmul(dout.T, x, out=workspace.empty(self.weight.shape, x.dtype)))
+        else:
+            self.weight.accumulate_grad(dout.T @ x)
         if self.bias is not None:
             self.bias.accumulate_grad(dout.sum(axis=0))
         return dout @ self.weight.data if input_grad else None

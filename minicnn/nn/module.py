@@ -356,19 +356,24 @@ class Sequential(Module):
 
     def _plan(self, x):
         """The layers to run: these layers, except that on the fast CPU path each
-        BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step (minicnn/nn/fused.py)."""
+        [Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step
+        (minicnn/nn/fused.py)."""
         layers = list(self._modules.values())
         if not fast_path(x):
             return layers
-        from .fused import BatchNormReLUPool, fusable      # (imported here: fused.py imports this file)
-        fused = self.__dict__.setdefault("_fused", {})
+        from . import fused as f            # (imported here: fused.py imports this file's layers)
+        steps = self.__dict__.setdefault("_fused", {})
         plan, i = [], 0
         while i < len(layers):
-            if fusable(layers[i:i + 3]):
-                if i not in fused or fused[i].bn is not layers[i]:
-                    fused[i] = BatchNormReLUPool(*layers[i:i + 3])
-                plan.append(fused[i])
-                i += 3
+            for size, test, make in ((4, f.fusable_with_conv, f.ConvBatchNormReLUPool),
+                                     (3, f.fusable, f.BatchNormReLUPool)):
+                run = layers[i:i + size]
+                if test(run):
+                    if i not in steps or steps[i][0] != run:     # made once, for these very layers
+                        steps[i] = (run, make(*run))
+                    plan.append(steps[i][1])
+                    i += size
+                    break
             else:
                 plan.append(layers[i])
                 i += 1
