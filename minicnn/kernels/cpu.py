@@ -253,24 +253,36 @@ def maxpool_backward(g, arg, k, dx):
     return dx
 
 
+@njit(inline="always")
+def _sgd_element(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first):
+    gi = g[i] + weight_decay * p[i]
+    if first:
+        b = gi
+    else:
+        b = momentum * buf[i] + (1 - dampening) * gi
+    buf[i] = b
+    p[i] -= lr * (gi + momentum * b if nesterov else b)
+
+
+@njit(**_opts)
 def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
     """PyTorch's SGD step for one flat parameter, in one pass (see minicnn.optim.sgd)."""
     for i in prange(p.size):
-        gi = g[i] + weight_decay * p[i]
-        if first:
-            b = gi
-        else:
-            b = momentum * buf[i] + (1 - dampening) * gi
-        buf[i] = b
-        p[i] -= lr * (gi + momentum * b if nesterov else b)
+        _sgd_element(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first)
 
 
 # Starting a parallel loop wakes the sleeping worker threads: about 0.1-0.3 ms on the 2-core test
-# machine, more than the whole update of a bias vector. Below SERIAL_BELOW elements, the same loop
-# compiled without threads runs instead (minicnn.optim.SGD picks by size).
+# machine, more than the whole update of a bias vector. Below SERIAL_BELOW elements the same update
+# runs without threads (minicnn.optim.SGD picks by size). It must be a function of its own: numba's
+# cache keys on the Python function, so two jit options of one function would share one entry.
 SERIAL_BELOW = 1 << 16
-sgd_momentum_update_serial = njit(**dict(_opts, parallel=False))(sgd_momentum_update)
-sgd_momentum_update = njit(**_opts)(sgd_momentum_update)
+
+
+@njit(**dict(_opts, parallel=False))
+def sgd_momentum_update_serial(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    """:func:`sgd_momentum_update` without threads."""
+    for i in range(p.size):
+        _sgd_element(p, g, buf, i, lr, momentum, dampening, weight_decay, nesterov, first)
 
 
 # --- BatchNorm -> ReLU -> MaxPool fused (what every block of the EmotionClassifier does) ---------
