@@ -141,3 +141,15 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
     tol = 2e-4 if dtype == np.float32 else 1e-10
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
+def test_every_numba_kernel_has_a_python_function_of_its_own():
+    """numba's on-disk cache keys on the Python function: two jit variants of one function
+    (say parallel and serial) would share one cache entry and run the same compiled code."""
+    from numba.core.registry import CPUDispatcher
+    from minicnn.kernels import cpu_kernels
+    cpu = cpu_kernels()
+    kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)]
+    assert len(kernels) > 10
+    keys = [(k.py_func.__qualname__, k.py_func.__code__.co_firstlineno) for k in kernels]
+    assert len(set(keys)) == len(keys)
