@@ -125,8 +125,8 @@ class MinicnnBackend(Backend):
                 opt.step()
                 opt.zero_grad()
 
-        def infer():
-            with fast_kernels(self.fast):
+        def infer():                # as PyTorch's, under no_grad: nothing kept for backward
+            with fast_kernels(self.fast), minicnn.no_grad():
                 model.eval()
                 return model(x)
 

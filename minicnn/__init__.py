@@ -22,7 +22,8 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import backend, nn, optim, models, gradcheck  # noqa: E402
 from .backend import DeviceError, get_array_module, gpu_available  # noqa: E402
+from .nn import is_grad_enabled, no_grad  # noqa: E402
 from .rng import manual_seed  # noqa: E402
 
 __all__ = ["nn", "optim", "models", "gradcheck", "backend", "get_array_module", "gpu_available",
-           "DeviceError", "manual_seed", "__version__"]
+           "DeviceError", "manual_seed", "no_grad", "is_grad_enabled", "__version__"]

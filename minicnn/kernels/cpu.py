@@ -27,11 +27,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-__all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "col2im_nhwc", "channel_moments", "channel_grad_sums", "column_sums", "add_row", "affine_channels",
-           "affine_channels_2", "relu_forward", "relu_backward", "maxpool_forward", "maxpool_backward",
-           "sgd_momentum_update"]
+__all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "im2col_nhwc_serial", "col2im_nhwc", "channel_moments",
+           "channel_grad_sums", "column_sums", "add_row", "affine_channels", "affine_channels_2",
+           "relu_forward", "relu_backward", "maxpool_forward", "maxpool_backward", "sgd_momentum_update",
+           "sgd_momentum_update_serial", "bn_relu_pool_forward", "bn_relu_pool_forward_serial",
+           "bn_relu_pool_grad_sums", "bn_relu_pool_backward"]
 
 _opts = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# Serial twins of some kernels run in several Python threads at once (see minicnn/nn/fused.py).
+# Each is a function of its own: numba's cache keys on the Python function.
+_serial = dict(_opts, parallel=False)
 
 
 def nhwc(a):
@@ -45,25 +50,39 @@ def from_nhwc(a):
     return a.transpose(0, 3, 1, 2)
 
 
+@njit(inline="always")
+def _im2col_row(x, k, s, p, oh, ow, col, r):
+    """The OW rows of col for output row r = (n, y)."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    ni, y = r // oh, r % oh
+    for xo in range(ow):
+        row = r * ow + xo
+        for i in range(k):
+            yy = y * s + i - p
+            for j in range(k):
+                xx = xo * s + j - p
+                base = (i * k + j) * c
+                if 0 <= yy < h and 0 <= xx < w:
+                    for ci in range(c):
+                        col[row, base + ci] = x[ni, yy, xx, ci]
+                else:
+                    for ci in range(c):
+                        col[row, base + ci] = 0
+
+
 @njit(**_opts)
 def im2col_nhwc(x, k, s, p, oh, ow, col):
     """col[(n, y, x), (i, j, c)] = x_pad[n, y*s + i, x*s + j, c] (zero outside the image)."""
-    n, h, w, c = x.shape
-    for r in prange(n * oh):
-        ni, y = r // oh, r % oh
-        for xo in range(ow):
-            row = r * ow + xo
-            for i in range(k):
-                yy = y * s + i - p
-                for j in range(k):
-                    xx = xo * s + j - p
-                    base = (i * k + j) * c
-                    if 0 <= yy < h and 0 <= xx < w:
-                        for ci in range(c):
-                            col[row, base + ci] = x[ni, yy, xx, ci]
-                    else:
-                        for ci in range(c):
-                            col[row, base + ci] = 0
+    for r in prange(x.shape[0] * oh):
+        _im2col_row(x, k, s, p, oh, ow, col, r)
+    return col
+
+
+@njit(**_serial)
+def im2col_nhwc_serial(x, k, s, p, oh, ow, col):
+    """:func:`im2col_nhwc` without threads (for the inference pipeline's worker threads)."""
+    for r in range(x.shape[0] * oh):
+        _im2col_row(x, k, s, p, oh, ow, col, r)
     return col
 
 
@@ -278,7 +297,7 @@ def sgd_momentum_update(p, g, buf, lr, momentum, dampening, weight_decay, nester
 SERIAL_BELOW = 1 << 16
 
 
-@njit(**dict(_opts, parallel=False))
+@njit(**_serial)
 def sgd_momentum_update_serial(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
     """:func:`sgd_momentum_update` without threads."""
     for i in range(p.size):
@@ -293,25 +312,39 @@ def sgd_momentum_update_serial(p, g, buf, lr, momentum, dampening, weight_decay,
 # BatchNorm sums touch only each window's winner, then one pass writes dL/dx). Same arithmetic,
 # same tie rule (first maximum), so the results equal the unfused layers'.
 
+@njit(inline="always")
+def _bn_relu_pool_row(x, scale, shift, k, out, arg, r):
+    """Output row r = (n, y) of :func:`bn_relu_pool_forward`."""
+    oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
+    ni, y = r // oh, r % oh
+    for xo in range(ow):
+        o = out[ni, y, xo]
+        a = arg[ni, y, xo]
+        for i in range(k):
+            for j in range(k):
+                src = x[ni, y * k + i, xo * k + j]
+                pos = i * k + j
+                for ci in range(c):
+                    v = src[ci] * scale[ci] + shift[ci]
+                    v = v if v > 0 else v * 0          # ReLU (NaN -> 0 as in relu_forward)
+                    if pos == 0 or v > o[ci]:
+                        o[ci] = v
+                        a[ci] = pos
+
+
 @njit(**_opts)
 def bn_relu_pool_forward(x, scale, shift, k, out, arg):
     """out = maxpool_k(relu(x * scale + shift)) on NHWC, arg = i*k + j of each window's first maximum."""
-    n, oh, ow, c = out.shape
-    for r in prange(n * oh):
-        ni, y = r // oh, r % oh
-        for xo in range(ow):
-            o = out[ni, y, xo]
-            a = arg[ni, y, xo]
-            for i in range(k):
-                for j in range(k):
-                    src = x[ni, y * k + i, xo * k + j]
-                    pos = i * k + j
-                    for ci in range(c):
-                        v = src[ci] * scale[ci] + shift[ci]
-                        v = v if v > 0 else v * 0          # ReLU (NaN -> 0 as in relu_forward)
-                        if pos == 0 or v > o[ci]:
-                            o[ci] = v
-                            a[ci] = pos
+    for r in prange(out.shape[0] * out.shape[1]):
+        _bn_relu_pool_row(x, scale, shift, k, out, arg, r)
+    return out
+
+
+@njit(**_serial)
+def bn_relu_pool_forward_serial(x, scale, shift, k, out, arg):
+    """:func:`bn_relu_pool_forward` without threads (for the inference pipeline's worker threads)."""
+    for r in range(out.shape[0] * out.shape[1]):
+        _bn_relu_pool_row(x, scale, shift, k, out, arg, r)
     return out
 
 

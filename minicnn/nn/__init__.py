@@ -9,8 +9,8 @@ from .conv import Conv2d
 from .dropout import Dropout
 from .linear import Flatten, Linear
 from .loss import CrossEntropyLoss
-from .module import Module, Parameter, Sequential
+from .module import Module, Parameter, Sequential, is_grad_enabled, no_grad
 from .pooling import MaxPool2d
 
 __all__ = ["Module", "Parameter", "Sequential", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
-           "Dropout", "Flatten", "Linear", "CrossEntropyLoss"]
+           "Dropout", "Flatten", "Linear", "CrossEntropyLoss", "no_grad", "is_grad_enabled"]

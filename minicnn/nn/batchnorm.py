@@ -109,21 +109,31 @@ class BatchNorm2d(Module):
         ``offset``: the true input is ``x2 + offset`` (a conv bias not added yet). In training it
         cancels (the mean moves with it) and only enters the running mean; ``mean`` and ``shift``
         are returned for ``x2`` itself."""
+        if not training:
+            return self._eval_affine(x2.dtype, offset)
         m = x2.shape[0]
-        offset = np.zeros(x2.shape[1]) if offset is None else offset.astype(np.float64)
-        if training:
-            shift0 = x2[0].astype(np.float64)
-            s1, s2 = cpu_kernels().channel_moments(x2, shift0)   # shifted float64 sums: one pass
-            mean = shift0 + s1 / m
-            var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
+        shift0 = x2[0].astype(np.float64)
+        s1, s2 = cpu_kernels().channel_moments(x2, shift0)   # shifted float64 sums: one pass
+        mean = shift0 + s1 / m
+        var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
+        if offset is not None:
             self._update_running((mean + offset).astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
         else:
-            mean = self.running_mean.astype(np.float64) - offset
-            var = self.running_var.astype(np.float64)
+            self._update_running(mean.astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
+        return self._affine(mean, var, x2.dtype)
+
+    def _eval_affine(self, dtype, offset=None):
+        """:meth:`_fast_affine` in eval mode: the running statistics, nothing to compute from x."""
+        mean = self.running_mean.astype(np.float64)
+        if offset is not None:
+            mean = mean - offset.astype(np.float64)
+        return self._affine(mean, self.running_var.astype(np.float64), dtype)
+
+    def _affine(self, mean, var, dtype):
         inv_std = 1.0 / np.sqrt(var + self.eps)
         scale = self.weight.data * inv_std
         shift = self.bias.data - mean * scale
-        return mean, inv_std, scale.astype(x2.dtype), shift.astype(x2.dtype)
+        return mean, inv_std, scale.astype(dtype), shift.astype(dtype)
 
     def _fast_backward_affine(self, sum_g, sum_g_xc, mean, inv_std, m, training, dtype):
         """Accumulate dgamma, dbeta from sum(g), sum(g * (x - mean)); return (a, b, c0) such that

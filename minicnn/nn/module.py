@@ -10,6 +10,8 @@ There is no autograd: a model's backward is its layers' backwards in reverse.
 Gradients accumulate (``grad += ...``) like PyTorch's, so call ``zero_grad()``
 (or the optimizer's) between steps.
 """
+import contextlib
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -17,7 +19,32 @@ import numpy as np
 from ..backend import device_of, float_dtype, to_device, to_numpy
 from ..kernels import fast_path
 
-__all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init"]
+__all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init", "no_grad", "is_grad_enabled"]
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled():
+    """False inside ``with no_grad():`` (in this thread)."""
+    return getattr(_grad_mode, "enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Forward passes in this block need no backward, like ``torch.no_grad()``.
+
+    A promise, not a mode of the math: results are the same. Layers may then
+    skip what they would keep for backward -- on the fast CPU path, each
+    eval-mode Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d block runs as a
+    leaner pipeline that keeps nothing -- and a backward through such a
+    forward raises an error. Evaluation and prediction use it.
+    """
+    previous = is_grad_enabled()
+    _grad_mode.enabled = False
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
 
 
 class Parameter:

@@ -1,0 +1,117 @@
+"""no_grad() and the fast path's inference pipeline (eval-mode conv blocks split across threads)."""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+import minicnn
+from minicnn.kernels import fast_kernels, threads
+from minicnn.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
+from minicnn.nn.fused import ConvBatchNormReLUPool
+
+needs_pipeline = pytest.mark.skipif(not threads.available(),
+                                    reason="threadpoolctl finds no BLAS it can limit in this process")
+
+
+def block(c, oc, k, s, p, pool, bias, dtype, seed):
+    net = Sequential(Conv2d(c, oc, k, s, p, bias=bias, seed=seed), BatchNorm2d(oc), ReLU(), MaxPool2d(pool))
+    net = net.to(dtype=dtype).eval()
+    rng = np.random.default_rng(seed)
+    net[1].set_buffer("running_mean", rng.standard_normal(oc).astype(dtype))
+    net[1].set_buffer("running_var", rng.uniform(0.5, 2.0, oc).astype(dtype))
+    net[1].weight.data = rng.uniform(0.5, 1.5, oc).astype(dtype)
+    if bias:
+        net[0].bias.data = rng.standard_normal(oc).astype(dtype)
+    return net
+
+
+@needs_pipeline
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.integers(1, 2),
+       st.integers(0, 1), st.integers(5, 11), st.sampled_from([2, 3]), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
+def test_pipeline_equals_the_eval_forward(n, c, oc, k, s, p, hw, pool, bias, dtype, seed):
+    assume((hw + 2 * p - k) // s + 1 >= pool)
+    net = block(c, oc, k, s, p, pool, bias, dtype, seed)
+    x = np.random.default_rng(seed + 1).standard_normal((n, c, hw, hw)).astype(dtype)
+    with fast_kernels(True):
+        expected = net(x)
+        old = ConvBatchNormReLUPool.CHUNK_BYTES
+        ConvBatchNormReLUPool.CHUNK_BYTES = 1          # one image per chunk: many chunks, both threads
+        try:
+            with minicnn.no_grad():
+                got = net(x)
+        finally:
+            ConvBatchNormReLUPool.CHUNK_BYTES = old
+    step = net._last_plan[0]
+    assert isinstance(step, ConvBatchNormReLUPool) and step._kept_nothing
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+
+
+@needs_pipeline
+def test_the_whole_model_predicts_the_same_under_no_grad():
+    minicnn.manual_seed(0)
+    model = minicnn.models.EmotionClassifier().eval()
+    x = np.random.default_rng(0).standard_normal((37, 1, 48, 48)).astype(np.float32)
+    expected = model(x)
+    with minicnn.no_grad():
+        got = model(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_after_a_no_grad_forward_is_a_clear_error():
+    net = block(2, 3, 3, 1, 1, 2, True, np.float64, 0)
+    x = np.random.default_rng(0).standard_normal((2, 2, 6, 6))
+    with minicnn.no_grad():
+        out = net(x)
+    if threads.available():
+        with pytest.raises(RuntimeError, match="no_grad"):
+            net.backward(np.ones_like(out))
+    out = net(x)                                  # outside no_grad: backward works again
+    assert net.backward(np.ones_like(out)).shape == x.shape
+
+
+def test_no_grad_in_training_mode_computes_the_usual_forward():
+    net = block(2, 3, 3, 1, 1, 2, True, np.float64, 0).train()
+    x = np.random.default_rng(0).standard_normal((4, 2, 6, 6))
+    with minicnn.no_grad():
+        out = net(x)
+    assert net.backward(np.ones_like(out)).shape == x.shape     # nothing special happened
+    assert int(net[1].num_batches_tracked) == 1
+
+
+def test_no_grad_is_restored_after_errors_and_is_per_thread():
+    assert minicnn.is_grad_enabled()
+    seen = []
+    with pytest.raises(ZeroDivisionError):
+        with minicnn.no_grad():
+            assert not minicnn.is_grad_enabled()
+            t = threading.Thread(target=lambda: seen.append(minicnn.is_grad_enabled()))
+            t.start()
+            t.join()
+            with minicnn.no_grad():
+                pass
+            assert not minicnn.is_grad_enabled()      # nested: still off
+            1 / 0
+    assert minicnn.is_grad_enabled() and seen == [True]
+
+
+@needs_pipeline
+def test_run_chunks_covers_every_item_once_and_passes_errors_on():
+    hits = np.zeros(23, dtype=int)
+
+    def mark(lo, hi):
+        hits[lo:hi] += 1
+    threads.run_chunks(mark, 23, 4)
+    assert (hits == 1).all()
+
+    def fail(lo, hi):
+        if lo >= 8:
+            raise ValueError(f"chunk {lo}")
+    with pytest.raises(ValueError, match="chunk"):
+        threads.run_chunks(fail, 23, 4)
+    from threadpoolctl import threadpool_info
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert all(i["num_threads"] > 1 or (__import__("os").cpu_count() or 1) == 1 for i in blas)   # restored
