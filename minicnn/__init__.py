@@ -14,10 +14,13 @@
 __version__ = "0.1.0"
 
 import os as _os
+import sys as _sys
 
-# OpenBLAS's idle threads spin for a long time after each matrix product and steal the
-# cores from the numba kernel that follows (about 10% of a training step on 2 cores).
-# A short spin fixes it; this only takes effect if NumPy is not imported yet.
+# OpenBLAS's idle threads spin for about 0.1 s after each matrix product and steal the
+# cores from the numba kernel that follows (about 20% of a training step on 2 cores).
+# A short spin fixes it; OpenBLAS reads this when NumPy loads it, so it only takes effect
+# if NumPy is not imported yet (the fast path warns otherwise: minicnn/kernels/__init__.py).
+_openblas_spins = "numpy" in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import backend, nn, optim, models, gradcheck  # noqa: E402

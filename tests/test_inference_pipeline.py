@@ -115,3 +115,19 @@ def test_run_chunks_covers_every_item_once_and_passes_errors_on():
     from threadpoolctl import threadpool_info
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     assert all(i["num_threads"] > 1 or (__import__("os").cpu_count() or 1) == 1 for i in blas)   # restored
+
+
+@pytest.mark.parametrize("first, warns", [("numpy", True), ("minicnn", False)])
+def test_importing_numpy_first_is_reported_once_the_fast_path_starts(first, warns):
+    import subprocess
+    import sys
+    code = (f"import {first}\nimport numpy, minicnn\n"
+            "from minicnn.models import EmotionClassifier\n"
+            "EmotionClassifier()(numpy.zeros((2, 1, 48, 48), numpy.float32))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    from threadpoolctl import threadpool_info
+    openblas = any(i.get("internal_api") == "openblas" and i.get("num_threads", 1) > 1 for i in threadpool_info())
+    assert ("PerformanceWarning" in out.stderr and "OPENBLAS_THREAD_TIMEOUT" in out.stderr) == (warns and openblas)
