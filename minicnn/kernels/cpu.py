@@ -27,11 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-__all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "im2col_nhwc_serial", "col2im_nhwc", "channel_moments",
-           "channel_grad_sums", "column_sums", "add_row", "affine_channels", "affine_channels_2",
-           "relu_forward", "relu_backward", "maxpool_forward", "maxpool_backward", "sgd_momentum_update",
-           "sgd_momentum_update_serial", "bn_relu_pool_forward", "bn_relu_pool_forward_serial",
-           "bn_relu_pool_grad_sums", "bn_relu_pool_backward"]
+__all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "im2col_nhwc_serial", "col2im_nhwc", "col2im_nhwc_serial",
+           "channel_moments", "channel_moments_serial", "channel_grad_sums", "column_sums", "add_row",
+           "affine_channels", "affine_channels_2", "relu_forward", "relu_backward", "maxpool_forward",
+           "maxpool_backward", "sgd_momentum_update", "sgd_momentum_update_serial", "bn_relu_pool_forward",
+           "bn_relu_pool_forward_serial", "bn_relu_pool_grad_sums", "bn_relu_pool_grad_sums_serial",
+           "bn_relu_pool_backward", "bn_relu_pool_backward_serial"]
 
 _opts = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 # Serial twins of some kernels run in several Python threads at once (see minicnn/nn/fused.py).
@@ -86,28 +87,42 @@ def im2col_nhwc_serial(x, k, s, p, oh, ow, col):
     return col
 
 
+@njit(inline="always")
+def _col2im_row(dcol, k, s, p, oh, ow, dx, r):
+    """Input row r = (n, yy) of :func:`col2im_nhwc`."""
+    h, w, c = dx.shape[1], dx.shape[2], dx.shape[3]
+    ni, yy = r // h, r % h
+    for xx in range(w):
+        for ci in range(c):
+            dx[ni, yy, xx, ci] = 0
+        for i in range(k):
+            t = yy + p - i
+            if t < 0 or t % s != 0 or t // s >= oh:
+                continue
+            y = t // s
+            for j in range(k):
+                u = xx + p - j
+                if u < 0 or u % s != 0 or u // s >= ow:
+                    continue
+                row = (ni * oh + y) * ow + u // s
+                base = (i * k + j) * c
+                for ci in range(c):
+                    dx[ni, yy, xx, ci] += dcol[row, base + ci]
+
+
 @njit(**_opts)
 def col2im_nhwc(dcol, k, s, p, oh, ow, dx):
     """Adjoint of im2col as a gather: dx[n, y, x, c] = sum of the dcol entries that came from it."""
-    n, h, w, c = dx.shape
-    for r in prange(n * h):
-        ni, yy = r // h, r % h
-        for xx in range(w):
-            for ci in range(c):
-                dx[ni, yy, xx, ci] = 0
-            for i in range(k):
-                t = yy + p - i
-                if t < 0 or t % s != 0 or t // s >= oh:
-                    continue
-                y = t // s
-                for j in range(k):
-                    u = xx + p - j
-                    if u < 0 or u % s != 0 or u // s >= ow:
-                        continue
-                    row = (ni * oh + y) * ow + u // s
-                    base = (i * k + j) * c
-                    for ci in range(c):
-                        dx[ni, yy, xx, ci] += dcol[row, base + ci]
+    for r in prange(dx.shape[0] * dx.shape[1]):
+        _col2im_row(dcol, k, s, p, oh, ow, dx, r)
+    return dx
+
+
+@njit(**_serial)
+def col2im_nhwc_serial(dcol, k, s, p, oh, ow, dx):
+    """:func:`col2im_nhwc` without threads."""
+    for r in range(dx.shape[0] * dx.shape[1]):
+        _col2im_row(dcol, k, s, p, oh, ow, dx, r)
     return dx
 
 
@@ -134,6 +149,20 @@ def channel_moments(x, shift):
         part1[t] = s1
         part2[t] = s2
     return part1.sum(axis=0), part2.sum(axis=0)
+
+
+@njit(**_serial)
+def channel_moments_serial(x, shift):
+    """:func:`channel_moments` without threads."""
+    m, c = x.shape
+    s1 = np.zeros(c)
+    s2 = np.zeros(c)
+    for r in range(m):
+        for ci in range(c):
+            d = x[r, ci] - shift[ci]
+            s1[ci] += d
+            s2[ci] += d * d
+    return s1, s2
 
 
 @njit(**_opts)
@@ -348,6 +377,21 @@ def bn_relu_pool_forward_serial(x, scale, shift, k, out, arg):
     return out
 
 
+@njit(inline="always")
+def _bn_relu_pool_grad_row(g, arg, x, scale, shift, mean, k, s1, s2, r):
+    """Add output row r = (n, y)'s share of :func:`bn_relu_pool_grad_sums` into s1, s2."""
+    oh, ow, c = g.shape[1], g.shape[2], g.shape[3]
+    ni, y = r // oh, r % oh
+    for xo in range(ow):
+        for ci in range(c):
+            pos = arg[ni, y, xo, ci]
+            xv = x[ni, y * k + pos // k, xo * k + pos % k, ci]
+            if xv * scale[ci] + shift[ci] > 0:
+                gv = g[ni, y, xo, ci]
+                s1[ci] += gv
+                s2[ci] += gv * (xv - mean[ci])
+
+
 @njit(**_opts)
 def bn_relu_pool_grad_sums(g, arg, x, scale, shift, mean, k):
     """sum(g_bn) and sum(g_bn * (x - mean)) per channel, where g_bn = dL/d(BatchNorm output):
@@ -361,37 +405,54 @@ def bn_relu_pool_grad_sums(g, arg, x, scale, shift, mean, k):
         s1 = np.zeros(c)
         s2 = np.zeros(c)
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            ni, y = r // oh, r % oh
-            for xo in range(ow):
-                for ci in range(c):
-                    pos = arg[ni, y, xo, ci]
-                    xv = x[ni, y * k + pos // k, xo * k + pos % k, ci]
-                    if xv * scale[ci] + shift[ci] > 0:
-                        gv = g[ni, y, xo, ci]
-                        s1[ci] += gv
-                        s2[ci] += gv * (xv - mean[ci])
+            _bn_relu_pool_grad_row(g, arg, x, scale, shift, mean, k, s1, s2, r)
         part1[t] = s1
         part2[t] = s2
     return part1.sum(axis=0), part2.sum(axis=0)
 
 
+@njit(**_serial)
+def bn_relu_pool_grad_sums_serial(g, arg, x, scale, shift, mean, k):
+    """:func:`bn_relu_pool_grad_sums` without threads."""
+    c = g.shape[3]
+    s1 = np.zeros(c)
+    s2 = np.zeros(c)
+    for r in range(g.shape[0] * g.shape[1]):
+        _bn_relu_pool_grad_row(g, arg, x, scale, shift, mean, k, s1, s2, r)
+    return s1, s2
+
+
+@njit(inline="always")
+def _bn_relu_pool_backward_row(g, arg, x, scale, shift, k, a, b, c0, dx, r):
+    """Input row r = (n, yy) of :func:`bn_relu_pool_backward`."""
+    h, w, c = dx.shape[1], dx.shape[2], dx.shape[3]
+    oh, ow = g.shape[1], g.shape[2]
+    ni, yy = r // h, r % h
+    y, i = yy // k, yy % k
+    for xx in range(w):
+        xo, j = xx // k, xx % k
+        inside = y < oh and xo < ow
+        pos = i * k + j
+        for ci in range(c):
+            xv = x[ni, yy, xx, ci]
+            gv = xv * 0
+            if inside:
+                if arg[ni, y, xo, ci] == pos and xv * scale[ci] + shift[ci] > 0:
+                    gv = g[ni, y, xo, ci]
+            dx[ni, yy, xx, ci] = a[ci] * gv + b[ci] * xv + c0[ci]
+
+
 @njit(**_opts)
 def bn_relu_pool_backward(g, arg, x, scale, shift, k, a, b, c0, dx):
     """dx = a * g_bn + b * x + c0 per channel (BatchNorm's backward as an affine map), in one pass."""
-    n, h, w, c = dx.shape
-    _, oh, ow, _ = g.shape
-    for r in prange(n * h):
-        ni, yy = r // h, r % h
-        y, i = yy // k, yy % k
-        for xx in range(w):
-            xo, j = xx // k, xx % k
-            inside = y < oh and xo < ow
-            pos = i * k + j
-            for ci in range(c):
-                xv = x[ni, yy, xx, ci]
-                gv = xv * 0
-                if inside:
-                    if arg[ni, y, xo, ci] == pos and xv * scale[ci] + shift[ci] > 0:
-                        gv = g[ni, y, xo, ci]
-                dx[ni, yy, xx, ci] = a[ci] * gv + b[ci] * xv + c0[ci]
+    for r in prange(dx.shape[0] * dx.shape[1]):
+        _bn_relu_pool_backward_row(g, arg, x, scale, shift, k, a, b, c0, dx, r)
+    return dx
+
+
+@njit(**_serial)
+def bn_relu_pool_backward_serial(g, arg, x, scale, shift, k, a, b, c0, dx):
+    """:func:`bn_relu_pool_backward` without threads."""
+    for r in range(dx.shape[0] * dx.shape[1]):
+        _bn_relu_pool_backward_row(g, arg, x, scale, shift, k, a, b, c0, dx, r)
     return dx

@@ -116,11 +116,26 @@ class BatchNorm2d(Module):
         s1, s2 = cpu_kernels().channel_moments(x2, shift0)   # shifted float64 sums: one pass
         mean = shift0 + s1 / m
         var = np.maximum(s2 / m - (s1 / m) ** 2, 0.0)
+        return self._train_affine(mean, var, m, x2.dtype, offset)
+
+    def _train_affine_from_parts(self, parts, dtype, offset=None):
+        """:meth:`_fast_affine` in training from per-chunk moments [(count, shift, sum(x - shift),
+        sum((x - shift)^2)), ...], combined exactly (Chan et al.'s pairwise update, in float64)."""
+        counts = np.array([p[0] for p in parts], dtype=np.float64)[:, None]
+        shifts, s1, s2 = (np.array([p[i] for p in parts], dtype=np.float64) for i in (1, 2, 3))
+        means = shifts + s1 / counts                       # each chunk's mean ...
+        m2 = np.maximum(s2 - s1 * s1 / counts, 0.0)       # ... and its sum of squared deviations
+        m = counts.sum()
+        mean = (counts * means).sum(axis=0) / m
+        var = (m2 + counts * (means - mean) ** 2).sum(axis=0) / m
+        return self._train_affine(mean, var, int(m), dtype, offset)
+
+    def _train_affine(self, mean, var, m, dtype, offset):
         if offset is not None:
-            self._update_running((mean + offset).astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
+            self._update_running((mean + offset).astype(dtype), (var * (m / (m - 1))).astype(dtype))
         else:
-            self._update_running(mean.astype(x2.dtype), (var * (m / (m - 1))).astype(x2.dtype))
-        return self._affine(mean, var, x2.dtype)
+            self._update_running(mean.astype(dtype), (var * (m / (m - 1))).astype(dtype))
+        return self._affine(mean, var, dtype)
 
     def _eval_affine(self, dtype, offset=None):
         """:meth:`_fast_affine` in eval mode: the running statistics, nothing to compute from x."""

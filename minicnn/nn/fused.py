@@ -13,9 +13,8 @@ cancels (it only enters the running mean), and in eval mode it folds into the
 BatchNorm's shift. Its gradient, the per-channel sum of dL/d(conv output), comes
 from the BatchNorm's sums for free: exactly 0 in training, up to rounding.
 
-In eval mode under :func:`minicnn.no_grad`, the whole block runs per share of
-the images in worker threads and keeps nothing for backward (see
-:mod:`minicnn.kernels.threads`).
+With a Conv2d in front, the block runs in chunks of images on several threads
+(see :class:`ConvBatchNormReLUPool` and :mod:`minicnn.kernels.threads`).
 """
 import numpy as np
 
@@ -95,68 +94,172 @@ class BatchNormReLUPool:
 
 
 class ConvBatchNormReLUPool:
-    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d; the conv's bias handled by the BatchNorm."""
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d; the conv's bias handled by the BatchNorm.
+
+    Where :mod:`minicnn.kernels.threads` can run (a BLAS whose threads it can hold to one), the
+    block splits the images into chunks of a few, and threads take the chunks through every stage
+    with serial kernels and a one-thread BLAS, while each chunk's im2col matrix, conv output and
+    gradients are still in the core's cache:
+
+    forward:   im2col -> GEMM -> conv output y (kept) and its per-chunk moments  | threads
+               batch statistics from the chunks' moments (exact combination)     | once
+               BatchNorm + ReLU + pool of y                                        | threads
+    backward:  BatchNorm's two sums over each chunk's winners                      | threads
+               dL/dy (the BatchNorm backward), im2col again, dW += col^T dL/dy,    | threads
+               dL/dx = col2im(dL/dy W^T)
+               dW = the chunks' dW in chunk order (deterministic)                  | once
+
+    The im2col matrix is never kept: recomputing a chunk's costs less than writing the whole
+    batch's out to memory and reading it back. Under :func:`minicnn.no_grad` in eval mode even y
+    is not kept. Otherwise (no such BLAS) the conv and the other three layers' fused step run
+    one after the other with parallel kernels.
+    """
+
+    # Images per chunk: about this many bytes of a chunk's work arrays, so they stay in a core's
+    # L2 cache (2 MB on the test machine; 1-4 MB measured alike for the EmotionClassifier).
+    CHUNK_BYTES = 2 << 20
 
     def __init__(self, conv, bn, relu, pool):
-        self.conv, self.bn = conv, bn
+        self.conv, self.bn, self.pool = conv, bn, pool
         self.rest = BatchNormReLUPool(bn, relu, pool)
+        self._cache = None
         self._kept_nothing = False
 
     def __call__(self, x):
         return self.forward(x)
 
-    def forward(self, x):
-        conv = self.conv
-        n, oc, oh, ow = conv._check(x)
-        self._kept_nothing = False
-        offset = None if conv.bias is None else conv.bias.data
-        if not self.bn.training and not is_grad_enabled() and threads.available():
-            return self._forward_inference(x, (n, oc, oh, ow), offset)
-        y = conv._forward_fast(x, oh, ow, add_bias=False)
-        return self.rest.forward(y, offset=offset)
+    # ... but at least this many GEMM rows: a smaller product runs well below the BLAS's rate.
+    CHUNK_ROWS = 1024
+    # With grad, chunks win only for a GEMM inner dimension k*k*C_in in this range (measured on the
+    # EmotionClassifier's blocks): at C_in = 1 the products are too thin to gain, and at k*k*C_in =
+    # 1152 with 6x6 images the block is GEMM-bound and the two-thread BLAS on whole matrices wins.
+    # Outside it the block runs the conv and the fused step one after the other, parallel kernels.
+    THREADED_GEMM_K = (16, 1024)
 
-    def _forward_inference(self, x, conv_shape, offset):
-        """Eval mode under no_grad(): each thread takes a share of the images through im2col, the
-        GEMM and BatchNorm + ReLU + pool, a few at a time, and only the pooled output is written
-        (minicnn/kernels/threads.py). Nothing is kept for backward."""
-        conv, bn, cpu = self.conv, self.bn, cpu_kernels()
+    def _chunk(self, n, per_image, rows_per_image):
+        by_cache = max(1, self.CHUNK_BYTES // per_image)
+        by_gemm = -(-self.CHUNK_ROWS // rows_per_image)
+        return min(max(by_cache, by_gemm), -(-n // threads.workers()))
+
+    def forward(self, x):
+        conv, bn = self.conv, self.bn
+        conv_shape = conv._check(x)
+        self._cache, self._kept_nothing = None, False
+        offset = None if conv.bias is None else conv.bias.data
+        inference = not bn.training and not is_grad_enabled()
+        lo, hi = self.THREADED_GEMM_K
+        if not threads.available() or not (inference or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi):
+            y = conv._forward_fast(x, conv_shape[2], conv_shape[3], add_bias=False)
+            return self.rest.forward(y, offset=offset)
         n, oc, oh, ow = conv_shape
         bn._check_batch(np.broadcast_to(np.zeros((), x.dtype), conv_shape))
-        k, s, p, c = conv.kernel_size, conv.stride, conv.padding, conv.in_channels
-        kp = self.rest.pool.kernel_size
-        ph, pw = oh // kp, ow // kp
-        if ph < 1 or pw < 1:
+        kp = self.pool.kernel_size
+        if oh // kp < 1 or ow // kp < 1:
             raise ValueError(f"MaxPool2d input of spatial size {(oh, ow)} is smaller than the kernel ({kp}x{kp})")
-        _, _, scale, shift = bn._eval_affine(x.dtype, offset)
-        x_nhwc = cpu.nhwc(x)
-        w_col = conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, oc)
-        out = workspace.empty((n, ph, pw, oc), x.dtype)
-
-        def block(lo, hi):         # (plain np.empty: malloc hands each thread back its own, cache-warm memory)
-            m = (hi - lo) * oh * ow
-            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty((m, k * k * c), x.dtype))
-            y = np.matmul(col, w_col, out=np.empty((m, oc), x.dtype))
-            arg = np.empty((hi - lo, ph, pw, oc), np.uint8)
-            cpu.bn_relu_pool_forward_serial(y.reshape(hi - lo, oh, ow, oc), scale, shift, kp, out[lo:hi], arg)
-
-        per_image = oh * ow * (k * k * c + oc) * x.itemsize   # bytes of col and conv output per image
-        chunk = min(max(1, self.CHUNK_BYTES // per_image), -(-n // threads.workers()))
-        threads.run_chunks(block, n, chunk)
         conv._cache = self.rest._cache = None
-        self._kept_nothing = True
+        if inference:
+            return self._forward_inference(x, conv_shape, offset)
+        return self._forward_threaded(x, conv_shape, offset)
+
+    def _conv_setup(self, x):
+        conv = self.conv
+        k, c = conv.kernel_size, conv.in_channels
+        w_col = conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, conv.out_channels)
+        return cpu_kernels().nhwc(x), w_col, k, conv.stride, conv.padding, k * k * c
+
+    def _forward_threaded(self, x, conv_shape, offset):
+        cpu, bn = cpu_kernels(), self.bn
+        n, oc, oh, ow = conv_shape
+        x_nhwc, w_col, k, s, p, kk = self._conv_setup(x)
+        kp = self.pool.kernel_size
+        y = workspace.empty((n, oh, ow, oc), x.dtype)
+        chunk = self._chunk(n, oh * ow * (kk + oc) * x.itemsize, oh * ow)
+        parts = [None] * -(-n // chunk)
+        training = bn.training
+
+        def conv_chunk(lo, hi):
+            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty(((hi - lo) * oh * ow, kk), x.dtype))
+            yk = np.matmul(col, w_col, out=y[lo:hi].reshape(-1, oc))
+            if training:
+                shift = yk[0].astype(np.float64)
+                parts[lo // chunk] = (yk.shape[0], shift) + cpu.channel_moments_serial(yk, shift)
+        threads.run_chunks(conv_chunk, n, chunk)
+        if training:
+            mean, inv_std, scale, shift = bn._train_affine_from_parts(parts, x.dtype, offset)
+        else:
+            mean, inv_std, scale, shift = bn._eval_affine(x.dtype, offset)
+        out = workspace.empty((n, oh // kp, ow // kp, oc), x.dtype)
+        arg = workspace.empty(out.shape, np.uint8)
+        threads.run_chunks(lambda lo, hi: cpu.bn_relu_pool_forward_serial(y[lo:hi], scale, shift, kp, out[lo:hi],
+                                                                          arg[lo:hi]), n, chunk)
+        self._cache = (x_nhwc, y, w_col, mean, inv_std, scale, shift, arg, training)
         return cpu.from_nhwc(out)
 
-    # Images per chunk: about this many bytes of im2col and conv output, so they stay in a core's
-    # L2 cache (2 MB on the test machine; 1-4 MB measured alike for the EmotionClassifier).
-    CHUNK_BYTES = 2 << 20
+    def _forward_inference(self, x, conv_shape, offset):
+        """Eval mode under no_grad(): only the pooled output is written; nothing is kept."""
+        cpu = cpu_kernels()
+        n, oc, oh, ow = conv_shape
+        x_nhwc, w_col, k, s, p, kk = self._conv_setup(x)
+        kp = self.pool.kernel_size
+        _, _, scale, shift = self.bn._eval_affine(x.dtype, offset)
+        out = workspace.empty((n, oh // kp, ow // kp, oc), x.dtype)
+
+        def block(lo, hi):         # (plain np.empty: malloc hands each thread back its own, cache-warm memory)
+            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty(((hi - lo) * oh * ow, kk), x.dtype))
+            yk = np.matmul(col, w_col, out=np.empty((col.shape[0], oc), x.dtype))
+            arg = np.empty((hi - lo,) + out.shape[1:], np.uint8)
+            cpu.bn_relu_pool_forward_serial(yk.reshape(hi - lo, oh, ow, oc), scale, shift, kp, out[lo:hi], arg)
+        threads.run_chunks(block, n, self._chunk(n, oh * ow * (kk + oc) * x.itemsize, oh * ow))
+        self._kept_nothing = True
+        return cpu.from_nhwc(out)
 
     def backward(self, dout, input_grad=True):
         if self._kept_nothing:
             raise RuntimeError("backward() through a forward pass that ran under minicnn.no_grad(): "
                                "nothing was kept for it; run the forward pass outside no_grad()")
         conv = self.conv
-        dy, sum_dy = self.rest._backward(dout)
-        return conv._backward_fast(dy, input_grad, bias_grad=sum_dy)
+        if self._cache is None:
+            dy, sum_dy = self.rest._backward(dout)
+            return conv._backward_fast(dy, input_grad, bias_grad=sum_dy)
+        return self._backward_threaded(dout, input_grad)
+
+    def _backward_threaded(self, dout, input_grad):
+        cpu, conv, bn = cpu_kernels(), self.conv, self.bn
+        x_nhwc, y, w_col, mean, inv_std, scale, shift, arg, training = self._cache
+        n, oh, ow, oc = y.shape
+        expected = (n, oc, arg.shape[1], arg.shape[2])
+        if tuple(dout.shape) != expected:
+            raise ValueError(f"MaxPool2d.backward expects a gradient of the output's shape {expected}, "
+                             f"got {tuple(dout.shape)}")
+        g = cpu.nhwc(dout)
+        k, s, p, kp, kk = conv.kernel_size, conv.stride, conv.padding, self.pool.kernel_size, w_col.shape[0]
+        chunk = self._chunk(n, oh * ow * (2 * kk + oc) * y.itemsize, oh * ow)
+        count = -(-n // chunk)
+        sums = [None] * count
+        threads.run_chunks(lambda lo, hi: sums.__setitem__(lo // chunk, cpu.bn_relu_pool_grad_sums_serial(
+            g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, mean, kp)), n, chunk)
+        a, b, c0, sum_dy = bn._fast_backward_affine(sum(t[0] for t in sums), sum(t[1] for t in sums), mean,
+                                                    inv_std, n * oh * ow, training, y.dtype)
+        dx = workspace.empty(x_nhwc.shape, y.dtype) if input_grad else None
+        dws = [None] * count
+
+        def grad_chunk(lo, hi):
+            dy = cpu.bn_relu_pool_backward_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, kp, a, b, c0,
+                                                  np.empty((hi - lo, oh, ow, oc), y.dtype)).reshape(-1, oc)
+            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty((dy.shape[0], kk), y.dtype))
+            dws[lo // chunk] = col.T @ dy
+            if input_grad:
+                cpu.col2im_nhwc_serial(dy @ w_col.T, k, s, p, oh, ow, dx[lo:hi])
+        threads.run_chunks(grad_chunk, n, chunk)
+        dw = dws[0]
+        for part in dws[1:]:
+            dw += part
+        grad = workspace.empty(conv.weight.shape, y.dtype)
+        grad[...] = dw.reshape(k, k, conv.in_channels, oc).transpose(3, 2, 0, 1)
+        conv.weight.accumulate_grad(grad)
+        if conv.bias is not None:
+            conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
+        return cpu.from_nhwc(dx) if input_grad else None
 
     def backward_params(self, dout):
         return self.backward(dout, input_grad=False)
