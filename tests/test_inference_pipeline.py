@@ -131,3 +131,22 @@ def test_importing_numpy_first_is_reported_once_the_fast_path_starts(first, warn
     from threadpoolctl import threadpool_info
     openblas = any(i.get("internal_api") == "openblas" and i.get("num_threads", 1) > 1 for i in threadpool_info())
     assert ("PerformanceWarning" in out.stderr and "OPENBLAS_THREAD_TIMEOUT" in out.stderr) == (warns and openblas)
+
+
+@needs_pipeline
+def test_overlapping_callers_leave_the_blas_thread_count_as_it_was():
+    from threadpoolctl import threadpool_info
+
+    def counts():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    before = counts()
+
+    def work():
+        for _ in range(30):
+            threads.run_chunks(lambda lo, hi: np.ones((64, 64)) @ np.ones((64, 64)), 6, 1)
+    callers = [threading.Thread(target=work) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert counts() == before

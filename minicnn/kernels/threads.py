@@ -67,7 +67,7 @@ def run_chunks(fn, n, chunk):
         for lo, hi in bounds[t::k]:
             fn(lo, hi)
 
-    with _controller().limit(limits=1, user_api="blas"):
+    with _one_blas_thread():
         if k == 1:
             share(0)
             return
@@ -76,3 +76,31 @@ def run_chunks(fn, n, chunk):
     for e in errors:
         if e is not None:
             raise e
+
+
+class _OneBlasThread:
+    """Hold the BLAS to one thread while any caller is inside (callers may overlap, from
+    several threads of the program: the first one in limits it, the last one out restores it)."""
+
+    def __init__(self):
+        self.users, self.limiter, self.lock = 0, None, threading.Lock()
+
+    def __enter__(self):
+        with self.lock:
+            if self.users == 0:
+                self.limiter = _controller().limit(limits=1, user_api="blas")
+            self.users += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                self.limiter.restore_original_limits()
+                self.limiter = None
+
+
+_one_blas_thread_state = _OneBlasThread()
+
+
+def _one_blas_thread():
+    return _one_blas_thread_state
