@@ -40,6 +40,13 @@ def fusable_with_conv(layers):
     return len(layers) == 4 and type(layers[0]) is Conv2d and fusable(layers[1:])
 
 
+def _pooled_size(h, w, k):
+    """The k x k pool's output size (floor mode), or a clear error when the input is smaller."""
+    if h // k < 1 or w // k < 1:
+        raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
+    return h // k, w // k
+
+
 class BatchNormReLUPool:
     def __init__(self, bn, relu, pool):
         self.bn, self.relu, self.pool = bn, relu, pool
@@ -54,9 +61,7 @@ class BatchNormReLUPool:
         bn._check_batch(x)
         n, c, h, w = x.shape
         k = self.pool.kernel_size
-        oh, ow = h // k, w // k
-        if oh < 1 or ow < 1:
-            raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
+        oh, ow = _pooled_size(h, w, k)
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, c)
         mean, inv_std, scale, shift = bn._fast_affine(x2, bn.training, offset)
@@ -118,6 +123,13 @@ class ConvBatchNormReLUPool:
     # Images per chunk: about this many bytes of a chunk's work arrays, so they stay in a core's
     # L2 cache (2 MB on the test machine; 1-4 MB measured alike for the EmotionClassifier).
     CHUNK_BYTES = 2 << 20
+    # ... but at least this many GEMM rows: a smaller product runs well below the BLAS's rate.
+    CHUNK_ROWS = 1024
+    # With grad, chunks win only for a GEMM inner dimension k*k*C_in in this range (measured on the
+    # EmotionClassifier's blocks): at C_in = 1 the products are too thin to gain, and at k*k*C_in =
+    # 1152 with 6x6 images the block is GEMM-bound and the two-thread BLAS on whole matrices wins.
+    # Outside it the block runs the conv and the fused step one after the other, parallel kernels.
+    THREADED_GEMM_K = (16, 1024)
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -127,14 +139,6 @@ class ConvBatchNormReLUPool:
 
     def __call__(self, x):
         return self.forward(x)
-
-    # ... but at least this many GEMM rows: a smaller product runs well below the BLAS's rate.
-    CHUNK_ROWS = 1024
-    # With grad, chunks win only for a GEMM inner dimension k*k*C_in in this range (measured on the
-    # EmotionClassifier's blocks): at C_in = 1 the products are too thin to gain, and at k*k*C_in =
-    # 1152 with 6x6 images the block is GEMM-bound and the two-thread BLAS on whole matrices wins.
-    # Outside it the block runs the conv and the fused step one after the other, parallel kernels.
-    THREADED_GEMM_K = (16, 1024)
 
     def _chunk(self, n, per_image, rows_per_image):
         by_cache = max(1, self.CHUNK_BYTES // per_image)
@@ -153,9 +157,7 @@ class ConvBatchNormReLUPool:
             return self.rest.forward(y, offset=offset)
         n, oc, oh, ow = conv_shape
         bn._check_batch(np.broadcast_to(np.zeros((), x.dtype), conv_shape))
-        kp = self.pool.kernel_size
-        if oh // kp < 1 or ow // kp < 1:
-            raise ValueError(f"MaxPool2d input of spatial size {(oh, ow)} is smaller than the kernel ({kp}x{kp})")
+        _pooled_size(oh, ow, self.pool.kernel_size)
         conv._cache = self.rest._cache = None
         if inference:
             return self._forward_inference(x, conv_shape, offset)
