@@ -270,16 +270,27 @@ class Workers:
             proc.start()
             self.procs.append(proc)
             self.conns[name] = parent
-        self.available = [n for n in names if self.ask(n, "hello")]
+        try:
+            self.available = [n for n in names if self.ask(n, "hello")]
+        except BaseException:
+            for proc in self.procs:
+                proc.terminate()
+            raise
         for n in set(names) - set(self.available):
             self.ask(n, "stop")
 
     def ask(self, name, *msg):
         conn = self.conns[name]
-        conn.send(msg)
-        if msg[0] == "stop":
-            return None
-        kind, value = conn.recv()
+        try:
+            conn.send(msg)
+            if msg[0] == "stop":
+                return None
+            kind, value = conn.recv()
+        except (EOFError, OSError):
+            proc = self.procs[list(self.conns).index(name)]
+            proc.join(timeout=5)
+            raise RuntimeError(f"benchmark worker {name!r} died (exit code {proc.exitcode}) "
+                               f"while asked {msg[0]!r}") from None
         if kind == "error":
             raise RuntimeError(f"benchmark worker {name!r} failed:\n{value}")
         return value
@@ -305,13 +316,15 @@ class Workers:
 def _worker(conn, name):
     """A worker process: prepares jobs for one backend and times them on request."""
     import traceback
-    backend = next(b for b in all_backends() if b.name == name)
+    backend = next((b for b in all_backends() if b.name == name), None)
     jobs = {}
     while True:
         msg = conn.recv()
         try:
             if msg[0] == "stop":
                 return
+            if backend is None:
+                raise ValueError(f"unknown backend {name!r}; known: {', '.join(b.name for b in all_backends())}")
             if msg[0] == "hello":
                 ok = backend.available()
                 if ok:

@@ -45,3 +45,8 @@ def test_cli_rejects_unknown_backends():
 def test_peak_memory_is_measured_in_a_fresh_process():
     mb = bench.peak_memory_mb("minicnn-fast", 2, steps=1)
     assert mb is not None and 5 < mb < 2000          # at least the 6 MB of weights, nowhere near the machine
+
+
+def test_a_failing_worker_is_reported_with_its_name_and_reason():
+    with pytest.raises(RuntimeError, match=r"worker 'nope' failed(.|\n)*unknown backend 'nope'"):
+        bench.Workers(["nope"])
