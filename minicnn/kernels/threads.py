@@ -46,6 +46,7 @@ def available():
 
 
 def _pool(n):
+    """A pool of ``n`` worker threads (besides the caller), made once."""
     with _lock:
         pool = _state.get("pool")
         if pool is None or _state.get("size") != n:
@@ -68,11 +69,13 @@ def run_chunks(fn, n, chunk):
             fn(lo, hi)
 
     with _one_blas_thread():
-        if k == 1:
-            share(0)
-            return
-        futures = [_pool(k).submit(share, t) for t in range(k)]
-        errors = [f.exception() for f in futures]          # waits for every thread
+        futures = [_pool(k - 1).submit(share, t) for t in range(1, k)] if k > 1 else []
+        try:
+            share(0)                       # the calling thread takes the first share itself
+            error = None
+        except BaseException as e:
+            error = e
+        errors = [error] + [f.exception() for f in futures]     # waits for every thread
     for e in errors:
         if e is not None:
             raise e
