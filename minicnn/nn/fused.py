@@ -238,8 +238,11 @@ class ConvBatchNormReLUPool:
         chunk = self._chunk(n, oh * ow * (2 * kk + oc) * y.itemsize, oh * ow)
         count = -(-n // chunk)
         sums = [None] * count
-        threads.run_chunks(lambda lo, hi: sums.__setitem__(lo // chunk, cpu.bn_relu_pool_grad_sums_serial(
-            g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, mean, kp)), n, chunk)
+
+        def sums_chunk(lo, hi):
+            sums[lo // chunk] = cpu.bn_relu_pool_grad_sums_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift,
+                                                                  mean, kp)
+        threads.run_chunks(sums_chunk, n, chunk)
         a, b, c0, sum_dy = bn._fast_backward_affine(sum(t[0] for t in sums), sum(t[1] for t in sums), mean,
                                                     inv_std, n * oh * ow, training, y.dtype)
         dx = workspace.empty(x_nhwc.shape, y.dtype) if input_grad else None
