@@ -150,3 +150,23 @@ def test_overlapping_callers_leave_the_blas_thread_count_as_it_was():
     for t in callers:
         t.join()
     assert counts() == before
+
+
+@needs_pipeline
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_worker_threads_of_its_own():
+    import os
+    threads.run_chunks(lambda lo, hi: None, 4, 1)          # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:                                           # child: must not wait on the parent's threads
+        import signal
+        signal.signal(signal.SIGALRM, lambda *args: os._exit(3))
+        signal.alarm(30)                                   # a hang is a failure, not a stuck test run
+        try:
+            hits = []
+            threads.run_chunks(lambda lo, hi: hits.append(lo), 4, 1)
+            os._exit(0 if sorted(hits) == [0, 1, 2, 3] else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
