@@ -126,6 +126,16 @@ def col2im_nhwc_serial(dcol, k, s, p, oh, ow, dx):
     return dx
 
 
+@njit(inline="always")
+def _moment_rows(x, shift, lo, hi, s1, s2):
+    """Add rows lo..hi-1 of x into s1 += x - shift and s2 += (x - shift)^2."""
+    for r in range(lo, hi):
+        for ci in range(x.shape[1]):
+            d = x[r, ci] - shift[ci]
+            s1[ci] += d
+            s2[ci] += d * d
+
+
 @njit(**_opts)
 def channel_moments(x, shift):
     """Per column of an (M, C) matrix, in float64: sum(x - shift) and sum((x - shift)^2).
@@ -138,14 +148,9 @@ def channel_moments(x, shift):
     part1 = np.zeros((chunks, c))
     part2 = np.zeros((chunks, c))
     for t in prange(chunks):
-        lo, hi = t * m // chunks, (t + 1) * m // chunks
         s1 = np.zeros(c)
         s2 = np.zeros(c)
-        for r in range(lo, hi):
-            for ci in range(c):
-                d = x[r, ci] - shift[ci]
-                s1[ci] += d
-                s2[ci] += d * d
+        _moment_rows(x, shift, t * m // chunks, (t + 1) * m // chunks, s1, s2)
         part1[t] = s1
         part2[t] = s2
     return part1.sum(axis=0), part2.sum(axis=0)
@@ -154,14 +159,9 @@ def channel_moments(x, shift):
 @njit(**_serial)
 def channel_moments_serial(x, shift):
     """:func:`channel_moments` without threads."""
-    m, c = x.shape
-    s1 = np.zeros(c)
-    s2 = np.zeros(c)
-    for r in range(m):
-        for ci in range(c):
-            d = x[r, ci] - shift[ci]
-            s1[ci] += d
-            s2[ci] += d * d
+    s1 = np.zeros(x.shape[1])
+    s2 = np.zeros(x.shape[1])
+    _moment_rows(x, shift, 0, x.shape[0], s1, s2)
     return s1, s2
 
 
