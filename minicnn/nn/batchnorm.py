@@ -131,10 +131,8 @@ class BatchNorm2d(Module):
         return self._train_affine(mean, var, int(m), dtype, offset)
 
     def _train_affine(self, mean, var, m, dtype, offset):
-        if offset is not None:
-            self._update_running((mean + offset).astype(dtype), (var * (m / (m - 1))).astype(dtype))
-        else:
-            self._update_running(mean.astype(dtype), (var * (m / (m - 1))).astype(dtype))
+        true_mean = mean if offset is None else mean + offset    # the running mean is of x2 + offset
+        self._update_running(true_mean.astype(dtype), (var * (m / (m - 1))).astype(dtype))
         return self._affine(mean, var, dtype)
 
     def _eval_affine(self, dtype, offset=None):
