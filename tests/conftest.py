@@ -1,6 +1,5 @@
 """Shared fixtures: the array backends every test runs on, and the PyTorch oracle."""
 import minicnn  # noqa: F401  (before NumPy, as users should: see minicnn/__init__.py)
-import numpy as np
 import pytest
 
 from minicnn.backend import gpu_available

@@ -108,8 +108,7 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
     """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d fused (the conv bias folded into the BatchNorm),
     run in chunks of one image on threads or as a whole with parallel kernels: same output, input
     gradient, parameter gradients and running statistics as the layers one by one."""
-    from minicnn.kernels import fast_kernels, threads
-    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    from minicnn.kernels import threads
     from minicnn.nn.fused import ConvBatchNormReLUPool
     assume(hw >= k and not (training and n * hw * hw < 2))
     assume(route == "whole" or threads.available())

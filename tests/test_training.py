@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from minicnn.cli import main as cli
-from minicnn.data import Augment, make_faces
+from minicnn.data import make_faces
 from minicnn.inference import EmotionPredictor, load_face, prepare_face
 from minicnn.nn import Parameter
 from minicnn.training import (CheckpointError, CosineWarmup, ReduceOnPlateau, Recipe, StepDecay, Trainer,
