@@ -1,5 +1,6 @@
 """The vectorised kernels against the naive-loop references (the oracle)."""
 import numpy as np
+import pytest
 from hypothesis import assume, given, strategies as st
 
 from minicnn.kernels import col2im, im2col
@@ -172,3 +173,21 @@ def test_every_numba_kernel_has_a_python_function_of_its_own():
     assert len(kernels) > 10
     keys = [(k.py_func.__qualname__, k.py_func.__code__.co_firstlineno) for k in kernels]
     assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("with_conv", [False, True])
+@pytest.mark.parametrize("gemm_k", [(0, 10**9), (1, 0)])            # chunks on threads / whole
+def test_fused_steps_reject_a_wrong_gradient_shape_and_change_nothing(with_conv, gemm_k, monkeypatch):
+    from minicnn.kernels import fast_kernels
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    from minicnn.nn.fused import ConvBatchNormReLUPool
+    monkeypatch.setattr(ConvBatchNormReLUPool, "THREADED_GEMM_K", gemm_k)
+    layers = ([Conv2d(2, 3, 3, padding=1, seed=0)] if with_conv else []) + [BatchNorm2d(3), ReLU(), MaxPool2d(2)]
+    net = Sequential(*layers).double()
+    x = np.random.default_rng(0).standard_normal((2, 2 if with_conv else 3, 6, 6))
+    with fast_kernels(True):
+        out = net(x)
+        assert out.shape == (2, 3, 3, 3)
+        with pytest.raises(ValueError, match=r"MaxPool2d.backward expects .*\(2, 3, 3, 3\), got \(2, 3, 3, 4\)"):
+            net.backward(np.ones((2, 3, 3, 4)))
+    assert all(p.grad is None for p in net.parameters())
