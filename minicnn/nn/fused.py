@@ -83,11 +83,8 @@ class BatchNormReLUPool:
             raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
         bn, cpu = self.bn, cpu_kernels()
         x_nhwc, mean, inv_std, scale, shift, arg, training, x_shape = self._cache
-        n, c, _, _ = x_shape
-        expected = (n, c, arg.shape[1], arg.shape[2])
-        if tuple(dout.shape) != expected:
-            raise ValueError(f"MaxPool2d.backward expects a gradient of the output's shape {expected}, "
-                             f"got {tuple(dout.shape)}")
+        c = x_shape[1]
+        self.pool._check_dout(dout, cpu.from_nhwc(arg).shape)      # (as MaxPool2d.backward would)
         g = cpu.nhwc(dout)
         k = self.pool.kernel_size
         sum_g, sum_g_xc = cpu.bn_relu_pool_grad_sums(g, arg, x_nhwc, scale, shift, mean, k)
@@ -229,10 +226,7 @@ class ConvBatchNormReLUPool:
         cpu, conv, bn = cpu_kernels(), self.conv, self.bn
         x_nhwc, y, w_col, mean, inv_std, scale, shift, arg, training = self._cache
         n, oh, ow, oc = y.shape
-        expected = (n, oc, arg.shape[1], arg.shape[2])
-        if tuple(dout.shape) != expected:
-            raise ValueError(f"MaxPool2d.backward expects a gradient of the output's shape {expected}, "
-                             f"got {tuple(dout.shape)}")
+        self.pool._check_dout(dout, cpu.from_nhwc(arg).shape)
         g = cpu.nhwc(dout)
         k, s, p, kp, kk = conv.kernel_size, conv.stride, conv.padding, self.pool.kernel_size, w_col.shape[0]
         chunk = self._chunk(n, oh * ow * (2 * kk + oc) * y.itemsize, oh * ow)
