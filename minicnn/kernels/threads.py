@@ -71,7 +71,7 @@ def run_chunks(fn, n, chunk):
         for lo, hi in bounds[t::k]:
             fn(lo, hi)
 
-    with _one_blas_thread():
+    with _ONE_BLAS_THREAD:
         futures = [_pool(k - 1).submit(share, t) for t in range(1, k)] if k > 1 else []
         try:
             share(0)                       # the calling thread takes the first share itself
@@ -105,8 +105,4 @@ class _OneBlasThread:
                 self.limiter = None
 
 
-_one_blas_thread_state = _OneBlasThread()
-
-
-def _one_blas_thread():
-    return _one_blas_thread_state
+_ONE_BLAS_THREAD = _OneBlasThread()
