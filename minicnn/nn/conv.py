@@ -113,6 +113,18 @@ class Conv2d(Module):
         return self.backward(dout, input_grad=False)
 
     # --- the fast CPU path: channels-last memory, numba im2col/col2im --------------------
+    def _weight_columns(self):
+        """The weight as the (K*K*C, OC) matrix that multiplies channels-last im2col rows (i, j, c)."""
+        k = self.kernel_size
+        return self.weight.data.transpose(2, 3, 1, 0).reshape(k * k * self.in_channels, self.out_channels)
+
+    def _accumulate_weight_grad(self, dw_columns):
+        """Add dL/dW given in :meth:`_weight_columns`' layout to ``weight.grad`` (OC, C, K, K)."""
+        k = self.kernel_size
+        grad = workspace.empty(self.weight.shape, dw_columns.dtype)
+        grad[...] = dw_columns.reshape(k, k, self.in_channels, self.out_channels).transpose(3, 2, 0, 1)
+        self.weight.accumulate_grad(grad)
+
     def _forward_fast(self, x, oh, ow, add_bias=True):
         """``add_bias=False`` leaves the bias out (a BatchNorm that follows takes it into account)."""
         cpu = cpu_kernels()
@@ -121,7 +133,7 @@ class Conv2d(Module):
         x_nhwc = cpu.nhwc(x)                                          # (N, H, W, C)
         n = x.shape[0]
         col = cpu.im2col_nhwc(x_nhwc, k, s, p, oh, ow, workspace.empty((n * oh * ow, k * k * c), x.dtype))
-        w_col = self.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, oc)   # rows ordered (i, j, c)
+        w_col = self._weight_columns()
         out = np.matmul(col, w_col, out=workspace.empty((n * oh * ow, oc), x.dtype))   # = NHWC output
         if self.bias is not None and add_bias:
             cpu.add_row(out, self.bias.data)
@@ -137,10 +149,7 @@ class Conv2d(Module):
         d = cpu.nhwc(dout).reshape(-1, oc)                            # (N*OH*OW, OC)
         if self.bias is not None:
             self.bias.accumulate_grad((cpu.column_sums(d) if bias_grad is None else bias_grad).astype(d.dtype))
-        dw = np.matmul(col.T, d, out=workspace.empty(w_col.shape, d.dtype))   # rows (i, j, c), columns OC
-        grad = workspace.empty(self.weight.shape, d.dtype)
-        grad[...] = dw.reshape(k, k, self.in_channels, oc).transpose(3, 2, 0, 1)
-        self.weight.accumulate_grad(grad)
+        self._accumulate_weight_grad(np.matmul(col.T, d, out=workspace.empty(w_col.shape, d.dtype)))
         if not input_grad:
             return None
         dcol = np.matmul(d, w_col.T, out=workspace.empty(col.shape, col.dtype))

@@ -160,25 +160,25 @@ class ConvBatchNormReLUPool:
             return self._forward_inference(x, conv_shape, offset)
         return self._forward_threaded(x, conv_shape, offset)
 
-    def _conv_setup(self, x):
+    def _im2col(self, x_nhwc, lo, hi, oh, ow):
+        """The im2col rows of images lo..hi-1 (serial: called from the worker threads)."""
         conv = self.conv
-        k, c = conv.kernel_size, conv.in_channels
-        w_col = conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * c, conv.out_channels)
-        return cpu_kernels().nhwc(x), w_col, k, conv.stride, conv.padding, k * k * c
+        k = conv.kernel_size
+        col = np.empty(((hi - lo) * oh * ow, k * k * conv.in_channels), x_nhwc.dtype)
+        return cpu_kernels().im2col_nhwc_serial(x_nhwc[lo:hi], k, conv.stride, conv.padding, oh, ow, col)
 
     def _forward_threaded(self, x, conv_shape, offset):
         cpu, bn = cpu_kernels(), self.bn
         n, oc, oh, ow = conv_shape
-        x_nhwc, w_col, k, s, p, kk = self._conv_setup(x)
-        kp = self.pool.kernel_size
+        x_nhwc, w_col = cpu.nhwc(x), self.conv._weight_columns()
+        kk, kp = w_col.shape[0], self.pool.kernel_size
         y = workspace.empty((n, oh, ow, oc), x.dtype)
         chunk = self._chunk(n, oh * ow * (kk + oc) * x.itemsize, oh * ow)
         parts = [None] * -(-n // chunk)
         training = bn.training
 
         def conv_chunk(lo, hi):
-            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty(((hi - lo) * oh * ow, kk), x.dtype))
-            yk = np.matmul(col, w_col, out=y[lo:hi].reshape(-1, oc))
+            yk = np.matmul(self._im2col(x_nhwc, lo, hi, oh, ow), w_col, out=y[lo:hi].reshape(-1, oc))
             if training:
                 shift = yk[0].astype(np.float64)
                 parts[lo // chunk] = (yk.shape[0], shift) + cpu.channel_moments_serial(yk, shift)
@@ -198,13 +198,13 @@ class ConvBatchNormReLUPool:
         """Eval mode under no_grad(): only the pooled output is written; nothing is kept."""
         cpu = cpu_kernels()
         n, oc, oh, ow = conv_shape
-        x_nhwc, w_col, k, s, p, kk = self._conv_setup(x)
-        kp = self.pool.kernel_size
+        x_nhwc, w_col = cpu.nhwc(x), self.conv._weight_columns()
+        kk, kp = w_col.shape[0], self.pool.kernel_size
         _, _, scale, shift = self.bn._eval_affine(x.dtype, offset)
         out = workspace.empty((n, oh // kp, ow // kp, oc), x.dtype)
 
         def block(lo, hi):         # (plain np.empty: malloc hands each thread back its own, cache-warm memory)
-            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty(((hi - lo) * oh * ow, kk), x.dtype))
+            col = self._im2col(x_nhwc, lo, hi, oh, ow)
             yk = np.matmul(col, w_col, out=np.empty((col.shape[0], oc), x.dtype))
             arg = np.empty((hi - lo,) + out.shape[1:], np.uint8)
             cpu.bn_relu_pool_forward_serial(yk.reshape(hi - lo, oh, ow, oc), scale, shift, kp, out[lo:hi], arg)
@@ -245,17 +245,14 @@ class ConvBatchNormReLUPool:
         def grad_chunk(lo, hi):
             dy = cpu.bn_relu_pool_backward_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, kp, a, b, c0,
                                                   np.empty((hi - lo, oh, ow, oc), y.dtype)).reshape(-1, oc)
-            col = cpu.im2col_nhwc_serial(x_nhwc[lo:hi], k, s, p, oh, ow, np.empty((dy.shape[0], kk), y.dtype))
-            dws[lo // chunk] = col.T @ dy
+            dws[lo // chunk] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
             if input_grad:
                 cpu.col2im_nhwc_serial(dy @ w_col.T, k, s, p, oh, ow, dx[lo:hi])
         threads.run_chunks(grad_chunk, n, chunk)
         dw = dws[0]
         for part in dws[1:]:
             dw += part
-        grad = workspace.empty(conv.weight.shape, y.dtype)
-        grad[...] = dw.reshape(k, k, conv.in_channels, oc).transpose(3, 2, 0, 1)
-        conv.weight.accumulate_grad(grad)
+        conv._accumulate_weight_grad(dw)
         if conv.bias is not None:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None
