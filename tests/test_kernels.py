@@ -191,3 +191,24 @@ def test_fused_steps_reject_a_wrong_gradient_shape_and_change_nothing(with_conv,
         with pytest.raises(ValueError, match=r"MaxPool2d.backward expects .*\(2, 3, 3, 3\), got \(2, 3, 3, 4\)"):
             net.backward(np.ones((2, 3, 3, 4)))
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("x, message", [
+    (np.zeros((2, 5, 6, 6), np.float32), r"Conv2d expects input of shape \(N, 2, H, W\), got \(2, 5, 6, 6\)"),
+    (np.zeros((2, 2, 6, 6), np.float64), r"float32 parameters but got a float64 input"),
+    (np.zeros((2, 2, 1, 1), np.float32), r"MaxPool2d input of spatial size \(1, 1\) is smaller than the kernel"),
+])
+def test_a_fused_conv_block_gives_its_layers_errors(x, message, inference):
+    import minicnn
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    net = Sequential(Conv2d(2, 3, 3, padding=1, seed=0), BatchNorm2d(3), ReLU(), MaxPool2d(2)).train(not inference)
+    before = {k: v.copy() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        if inference:
+            with minicnn.no_grad():
+                net(x)
+        else:
+            net(x)
+    for k, v in net.state_dict().items():           # nothing changed: not even the running statistics
+        np.testing.assert_array_equal(v, before[k])
