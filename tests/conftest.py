@@ -2,6 +2,9 @@
 import minicnn  # noqa: F401  (before NumPy, as users should: see minicnn/__init__.py)
 import pytest
 
+import cupy_emulator
+
+import minicnn.backend
 from minicnn.backend import gpu_available
 from minicnn.gradcheck import distinct_values, off_kink  # noqa: F401  (input helpers the tests share)
 from minicnn.kernels import use_fast_kernels
@@ -15,16 +18,23 @@ except ImportError:  # pragma: no cover
     pass
 
 GPU = gpu_available()
+EMULATOR = cupy_emulator.compiler_available()
 # numpy-fast: NumPy with the numba kernels (the default); numpy-plain: the plain array-module
-# path that a learner reads (and CuPy runs); cupy: the GPU.
-BACKENDS = ["numpy-fast", "numpy-plain", pytest.param("cupy", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="CuPy with an NVIDIA GPU is not available")])]
+# path that a learner reads; cupy: the GPU with minicnn's CUDA kernels; cupy-plain: the GPU on the
+# plain path. gpu-emulated and gpu-emulated-plain: the same two GPU paths on the CPU, through
+# tests/cupy_emulator.py (CuPy's rules for device arrays, the CUDA kernels compiled for the host):
+# every line of the GPU path runs on machines without a GPU; only a GPU proves it on the GPU.
+_need_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="CuPy with an NVIDIA GPU is not available")]
+_need_gxx = [pytest.mark.skipif(not EMULATOR, reason="the CuPy emulator needs g++")]
+BACKENDS = ["numpy-fast", "numpy-plain", pytest.param("cupy", marks=_need_gpu),
+            pytest.param("cupy-plain", marks=_need_gpu), pytest.param("gpu-emulated", marks=_need_gxx),
+            pytest.param("gpu-emulated-plain", marks=_need_gxx)]
 
 
 @pytest.fixture(params=BACKENDS, scope="session")
 def device(request):
-    """'cpu' for the NumPy backends, 'gpu' for CuPy (skipped without a GPU)."""
-    return "gpu" if request.param == "cupy" else "cpu"
+    """'cpu' for the NumPy backends, 'gpu' for CuPy and its emulator."""
+    return "cpu" if request.param.startswith("numpy") else "gpu"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,10 +50,21 @@ def _private_dataset_cache(tmp_path_factory):
         os.environ["MINICNN_CACHE"] = old
 
 
+def _backend(item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("device")
+
+
 def pytest_runtest_setup(item):
     """Each test runs on the path its backend names; tests without one use the default (fast)."""
-    backend = getattr(getattr(item, "callspec", None), "params", {}).get("device")
-    use_fast_kernels(backend != "numpy-plain")
+    backend = _backend(item) or ""
+    use_fast_kernels(not backend.endswith("plain"))
+    if backend.startswith("gpu-emulated"):
+        minicnn.backend._cupy = cupy_emulator        # get_array_module() now answers the emulator
+
+
+def pytest_runtest_teardown(item):
+    if (_backend(item) or "").startswith("gpu-emulated"):
+        minicnn.backend._cupy = None
 
 
 def pytest_collection_modifyitems(config, items):
