@@ -113,7 +113,7 @@ def test_emotion_classifier_whole_model(device, training):
     results = _check(model, rng.standard_normal((2, 1, 48, 48)), device, mode="directional")
     assert len(results) == 1 + 20
     if training:  # the dropout mask was held fixed: some units are really dropped
-        assert model.classifier[3]._cache[0] is not None
+        assert model.classifier[3].last_mask() is not None
 
 
 def test_a_broken_backward_is_caught():

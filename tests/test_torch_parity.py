@@ -160,7 +160,7 @@ class FixedMask(torch.nn.Module):
         self.dropout = dropout
 
     def forward(self, x):
-        return x * torch.from_numpy(to_numpy(self.dropout._cache[0]))
+        return x * torch.from_numpy(to_numpy(self.dropout.last_mask()))
 
 
 @pytest.mark.parametrize("training", [True, False])

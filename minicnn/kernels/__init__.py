@@ -2,10 +2,11 @@
 
 * :mod:`.reference` -- naive loops, the oracle and the teaching text;
 * :mod:`.im2col` -- vectorised im2col/col2im on the array module (NumPy or CuPy): the plain path;
-* :mod:`.cpu` -- numba kernels on channels-last memory: the fast CPU path.
+* :mod:`.cpu` -- numba kernels on channels-last memory: the fast CPU path;
+* :mod:`.gpu` -- CUDA kernels (CuPy) for the GPU path's slow spots (``gpu_kernels.cu``).
 
-The fast path is on by default for NumPy arrays. Switch it off to run (and
-read) the plain path::
+The fast kernels are on by default, for NumPy and CuPy arrays. Switch them off
+to run (and read) the plain path, on either device::
 
     minicnn.kernels.use_fast_kernels(False)       # or: with fast_kernels(False): ...
     MINICNN_FAST=0 python train.py                # or from the environment
@@ -16,14 +17,15 @@ import os
 from .im2col import col2im, conv_output_size, im2col
 
 __all__ = ["im2col", "col2im", "conv_output_size", "use_fast_kernels", "fast_kernels",
-           "fast_kernels_enabled", "fast_path", "cpu_kernels", "PerformanceWarning"]
+           "fast_kernels_enabled", "fast_path", "gpu_path", "cpu_kernels", "gpu_kernels", "PerformanceWarning"]
 
 _enabled = os.environ.get("MINICNN_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
 _cpu = None
+_gpu = None
 
 
 def use_fast_kernels(enabled=True):
-    """Turn the numba CPU path on or off for NumPy arrays; returns the previous setting."""
+    """Turn the fast kernels (numba on the CPU, CUDA on the GPU) on or off; returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
@@ -78,3 +80,17 @@ def _warn_if_openblas_spins():
 def fast_path(x):
     """True when ``x`` should take the fast CPU path: a NumPy float array with the fast path on."""
     return _enabled and type(x).__module__ == "numpy" and x.dtype.kind == "f"
+
+
+def gpu_path(x):
+    """True when ``x`` should use the CUDA kernels: a CuPy float array with the fast kernels on."""
+    return _enabled and type(x).__module__.startswith("cupy") and x.dtype.kind == "f"
+
+
+def gpu_kernels():
+    """The CUDA kernel module (each kernel compiled by CuPy on first use)."""
+    global _gpu
+    if _gpu is None:
+        from . import gpu
+        _gpu = gpu
+    return _gpu

@@ -25,7 +25,7 @@ per-channel affine function of g and x).
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import cpu_kernels, fast_path, workspace
+from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, workspace
 from .module import Module, Parameter, check_input
 
 __all__ = ["BatchNorm2d"]
@@ -71,8 +71,11 @@ class BatchNorm2d(Module):
         else:
             mu, var = self.running_mean, self.running_var
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
-        out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
+        if gpu_path(x):            # the two lines below in one CUDA launch
+            xhat, out = gpu_kernels().batchnorm_forward(x, mu, inv_std, self.weight.data, self.bias.data)
+        else:
+            xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
+            out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
         self._cache = ("plain", xhat, inv_std, self.training)
         return out
 
@@ -95,6 +98,9 @@ class BatchNorm2d(Module):
         sum_g_xhat = (dout * xhat).sum(axis=axes)
         self.bias.accumulate_grad(sum_g)
         self.weight.accumulate_grad(sum_g_xhat)
+        if gpu_path(dout):         # the lines below in one CUDA launch
+            return gpu_kernels().batchnorm_backward(dout, xhat, self.weight.data * inv_std, sum_g, sum_g_xhat,
+                                                    training)
         scale = (self.weight.data * inv_std).reshape(1, c, 1, 1)
         if not training:
             return dout * scale

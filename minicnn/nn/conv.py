@@ -11,7 +11,8 @@ Backward, with ``d`` = dL/d(out) laid out as (N*OH*OW, OC)::
     dL/dWm  = d.T @ col                  (each weight sees every window it touched)
     dL/dcol = d @ Wm                     -> dL/dx = col2im(dL/dcol)
 
-The slow loop version is :func:`minicnn.kernels.reference.conv2d_forward`;
+The slow loop version is :func:`minicnn.kernels.reference.conv2d_forward`.
+On the GPU, im2col and col2im are one CUDA kernel each (:mod:`minicnn.kernels.gpu`);
 ``_forward_fast``/``_backward_fast`` are the same equations on channels-last
 memory with numba's im2col (see :mod:`minicnn.kernels.cpu`).
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .. import rng as _rng
-from ..kernels import cpu_kernels, fast_path, workspace
+from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, workspace
 from ..kernels.im2col import col2im, conv_output_size, im2col
 from .module import Module, Parameter, check_input, uniform_init
 
@@ -82,7 +83,8 @@ class Conv2d(Module):
         if fast_path(x):
             return self._forward_fast(x, oh, ow)
         xp = get_array_module(x)
-        col = im2col(x, k, k, s, p)                                   # (N*OH*OW, C*K*K)
+        to_columns = gpu_kernels().im2col if gpu_path(x) else im2col  # (one CUDA launch on the GPU)
+        col = to_columns(x, k, k, s, p)                               # (N*OH*OW, C*K*K)
         w_mat = self.weight.data.reshape(self.out_channels, -1)       # (OC, C*K*K)
         out = col @ w_mat.T                                           # (N*OH*OW, OC)
         if self.bias is not None:
@@ -107,7 +109,8 @@ class Conv2d(Module):
         if not input_grad:
             return None
         dcol = d @ w_mat                                               # (N*OH*OW, C*K*K)
-        return col2im(dcol, x_shape, k, k, s, p)
+        from_columns = gpu_kernels().col2im if gpu_path(dcol) else col2im
+        return from_columns(dcol, x_shape, k, k, s, p)
 
     def backward_params(self, dout):
         return self.backward(dout, input_grad=False)

@@ -12,11 +12,13 @@ d(-logp_ic)/dz_i = softmax(z_i) - onehot(c)::
 
     dL/dz_i = (sum_c q_ic * softmax(z_i) - q_i) / W
 
-which is the famous ``(p - onehot(y)) / N`` in the plain case.
+which is the famous ``(p - onehot(y)) / N`` in the plain case. On the GPU (fast
+kernels on) one CUDA launch computes each row's loss, weight and gradient at once.
 """
 import numpy as np
 
 from ..backend import get_array_module, to_device, device_of
+from ..kernels import gpu_kernels, gpu_path
 from .module import check_input
 
 __all__ = ["CrossEntropyLoss"]
@@ -70,25 +72,34 @@ class CrossEntropyLoss:
         xp = get_array_module(logits)
         n, c = logits.shape
         labels = to_device(labels_np.astype(np.int64), device_of(logits))
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         eps = self.label_smoothing
         w = (xp.ones(c, dtype=logits.dtype) if self.weight is None
              else to_device(self.weight.astype(logits.dtype), device_of(logits)))
+        if gpu_path(logits):
+            row_loss, row_w, grad = gpu_kernels().softmax_cross_entropy(logits, labels, w, eps)
+            total_w = row_w.sum() if self.reduction == "mean" else logits.dtype.type(1.0)
+            self._cache = ("gpu", grad, total_w)
+            return row_loss.sum() / total_w
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         q = xp.zeros_like(logp)
         q[xp.arange(n), labels] = (1.0 - eps) * w[labels]
         if eps:
             q += (eps / c) * w
         total_w = w[labels].sum() if self.reduction == "mean" else logits.dtype.type(1.0)
         loss = -(q * logp).sum() / total_w
-        self._cache = (logp, q, total_w)
+        self._cache = ("plain", logp, q, total_w)
         return loss
 
     def backward(self, dloss=1.0):
         """dL/d(logits), shaped like the logits (times ``dloss``)."""
         if self._cache is None:
             raise RuntimeError("CrossEntropyLoss.backward() was called before the loss was computed")
-        logp, q, total_w = self._cache
+        if self._cache[0] == "gpu":
+            _, grad, total_w = self._cache
+            grad = grad / total_w
+            return grad * dloss if dloss != 1.0 else grad
+        _, logp, q, total_w = self._cache
         xp = get_array_module(logp)
         p = xp.exp(logp)
         grad = (q.sum(axis=1, keepdims=True) * p - q) / total_w

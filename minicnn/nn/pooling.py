@@ -10,12 +10,13 @@ Vectorised by gathering the k*k strided views of the input (one per window
 offset), taking the argmax across them, and in backward scattering the
 gradient back through the same views. The fast CPU path (non-overlapping
 windows, stride == kernel) does both in one numba pass on channels-last
-memory, keeping the argmax as one byte per output.
+memory, keeping the argmax as one byte per output. On the GPU, one CUDA kernel
+each way (the backward a gather: each pixel sums the windows it won).
 """
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import cpu_kernels, fast_path, workspace
+from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, workspace
 from ..kernels.im2col import conv_output_size
 from .module import Module, check_input
 
@@ -53,6 +54,10 @@ class MaxPool2d(Module):
                              f"the kernel ({self.kernel_size}x{self.kernel_size})")
         if fast_path(x) and self.stride == self.kernel_size and self.kernel_size <= 16:
             return self._forward_fast(x, oh, ow)
+        if gpu_path(x) and self.kernel_size <= 16:         # one CUDA launch each way
+            out, arg = gpu_kernels().maxpool_forward(x, self.kernel_size, self.stride)
+            self._cache = ("gpu", x.shape, arg)
+            return out
         windows = xp.stack(self._views(x, oh, ow))          # (k*k, N, C, OH, OW)
         argmax = windows.argmax(axis=0)                      # first maximum wins ties
         out = xp.take_along_axis(windows, argmax[None], axis=0)[0]
@@ -63,6 +68,10 @@ class MaxPool2d(Module):
         cache = self._saved()
         if cache[0] == "fast":
             return self._backward_fast(dout)
+        if cache[0] == "gpu":
+            _, x_shape, arg = cache
+            self._check_dout(dout, arg.shape)
+            return gpu_kernels().maxpool_backward(dout, arg, x_shape, self.kernel_size, self.stride)
         _, x_shape, argmax = cache
         self._check_dout(dout, argmax.shape)
         xp = get_array_module(dout)

@@ -10,6 +10,7 @@ For each parameter p with gradient g, at step t (counted per parameter)::
 """
 import math
 
+from ..kernels import gpu_kernels, gpu_path
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -35,6 +36,8 @@ class Adam(Optimizer):
 
     def _update(self, p, state):
         xp = self._xp(p)
+        if gpu_path(p.data) and p.data.flags.c_contiguous:
+            return self._update_gpu(p, state, xp)
         g = p.grad
         if self.weight_decay:
             if self._decoupled:
@@ -54,6 +57,18 @@ class Adam(Optimizer):
         step_size = self.lr / (1.0 - self.beta1 ** t)
         denom = xp.sqrt(v) / math.sqrt(1.0 - self.beta2 ** t) + self.eps
         p.data -= step_size * (m / denom)
+
+    def _update_gpu(self, p, state, xp):
+        """The same rule in one CUDA launch per parameter."""
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p.data)
+            state["exp_avg_sq"] = xp.zeros_like(p.data)
+        state["step"] += 1
+        t, wd = state["step"], self.weight_decay
+        gpu_kernels().adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], self.beta1, self.beta2,
+                                  self.eps, self.lr / (1.0 - self.beta1 ** t), math.sqrt(1.0 - self.beta2 ** t),
+                                  0.0 if self._decoupled else wd, self.lr * wd if self._decoupled else 0.0)
 
 
 class AdamW(Adam):

@@ -10,7 +10,7 @@ For each parameter p with gradient g::
 """
 import numpy as np
 
-from ..kernels import cpu_kernels, fast_path
+from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -31,6 +31,8 @@ class SGD(Optimizer):
     def _update(self, p, state):
         if self.momentum and fast_path(p.data) and p.data.flags.c_contiguous:
             return self._update_fast(p, state)
+        if self.momentum and gpu_path(p.data) and p.data.flags.c_contiguous:
+            return self._update_gpu(p, state)
         g = p.grad
         if self.weight_decay:
             g = g + self.weight_decay * p.data
@@ -55,3 +57,12 @@ class SGD(Optimizer):
         update = cpu.sgd_momentum_update if p.data.size >= cpu.SERIAL_BELOW else cpu.sgd_momentum_update_serial
         update(p.data.reshape(-1), g.reshape(-1), buf.reshape(-1), self.lr, self.momentum, self.dampening,
                self.weight_decay, self.nesterov, first)
+
+    def _update_gpu(self, p, state):
+        """The same rule in one CUDA launch per parameter."""
+        buf = state.get("momentum_buffer")
+        first = buf is None
+        if first:
+            buf = state["momentum_buffer"] = self._xp(p).empty_like(p.data)
+        gpu_kernels().sgd_update(p.data, p.grad, buf, self.lr, self.momentum, self.dampening, self.weight_decay,
+                                 self.nesterov, first)

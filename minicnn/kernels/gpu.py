@@ -1,0 +1,168 @@
+"""The GPU path's CUDA kernels (CuPy), where the plain array code is slow on a GPU.
+
+On a GPU the plain path is correct but spends its time launching small operations: im2col is
+nine slice copies, a pad and a transpose; max-pooling stacks its windows; the loss and every
+optimizer update are a dozen element-wise operations each. Each function here does one of those
+jobs in one kernel launch (source: ``gpu_kernels.cu`` beside this file), with the same inputs and
+outputs as the plain code it replaces, shown in its docstring. The layers call them when
+:func:`minicnn.kernels.gpu_path` says so (a CuPy float array, fast kernels on); switch them off
+with ``minicnn.kernels.use_fast_kernels(False)`` to run the plain path on the GPU.
+
+Matrix products stay with CuPy (cuBLAS). Whether cuBLAS may use TF32 for float32 products is
+CuPy's setting (``CUPY_TF32=1``; off by default), reported by :func:`tf32_enabled`.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import _import_cupy
+from .im2col import conv_output_size
+
+__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward",
+           "batchnorm_backward", "dropout", "softmax_cross_entropy", "sgd_update", "adam_update",
+           "tf32_enabled", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("gpu_kernels.cu")
+THREADS = 256            # threads per block
+MAX_BLOCKS = 65535 * 8   # the grid-stride loops cover any size with at most this many blocks
+
+_modules = {}            # (id of the cupy module, dtype) -> compiled RawModule
+
+
+def _kernel(name, dtype):
+    cp = _import_cupy()
+    dtype = np.dtype(dtype)
+    key = (id(cp), dtype)
+    if key not in _modules:
+        real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
+        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=(f"-Dreal={real}",))
+    return _modules[key].get_function(name)
+
+
+def _launch(name, dtype, total, *args):
+    blocks = max(1, min(-(-int(total) // THREADS), MAX_BLOCKS))
+    _kernel(name, dtype)((blocks,), (THREADS,), args)
+
+
+def _i(v):
+    return np.int32(v)
+
+
+def tf32_enabled():
+    """True when CuPy lets cuBLAS use TF32 tensor cores for float32 products (CUPY_TF32=1)."""
+    return os.environ.get("CUPY_TF32", "0") not in ("", "0")
+
+
+def _contiguous(a, dtype=None):
+    return _import_cupy().ascontiguousarray(a, dtype=dtype)
+
+
+# --- convolution -------------------------------------------------------------------------------
+def im2col(x, kh, kw, stride=1, padding=0):
+    """:func:`minicnn.kernels.im2col.im2col` in one launch: (N, C, H, W) -> (N*OH*OW, C*KH*KW)."""
+    cp = _import_cupy()
+    x = _contiguous(x)
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    col = cp.empty((n * oh * ow, c * kh * kw), dtype=x.dtype)
+    _launch("im2col", x.dtype, col.size, x, col, *map(_i, (n, c, h, w, kh, kw, stride, padding, oh, ow)))
+    return col
+
+
+def col2im(col, x_shape, kh, kw, stride=1, padding=0):
+    """:func:`minicnn.kernels.im2col.col2im` in one launch, as a gather (no atomics)."""
+    cp = _import_cupy()
+    col = _contiguous(col)
+    n, c, h, w = x_shape
+    oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    x = cp.empty((n, c, h, w), dtype=col.dtype)
+    _launch("col2im", col.dtype, x.size, col, x, *map(_i, (n, c, h, w, kh, kw, stride, padding, oh, ow)))
+    return x
+
+
+# --- max-pooling -------------------------------------------------------------------------------
+def maxpool_forward(x, k, stride):
+    """(out, arg): each k x k window's maximum and its offset i*k + j (uint8; k <= 16)."""
+    cp = _import_cupy()
+    x = _contiguous(x)
+    n, c, h, w = x.shape
+    oh, ow = conv_output_size(h, k, stride, 0), conv_output_size(w, k, stride, 0)
+    out = cp.empty((n, c, oh, ow), dtype=x.dtype)
+    arg = cp.empty((n, c, oh, ow), dtype=np.uint8)
+    _launch("maxpool_forward", x.dtype, out.size, x, out, arg, *map(_i, (n * c, h, w, k, stride, oh, ow)))
+    return out, arg
+
+
+def maxpool_backward(dout, arg, x_shape, k, stride):
+    """dL/dx: each pixel gets the gradients of the windows it won."""
+    cp = _import_cupy()
+    dout = _contiguous(dout)
+    n, c, h, w = x_shape
+    oh, ow = arg.shape[2:]
+    dx = cp.empty(x_shape, dtype=dout.dtype)
+    _launch("maxpool_backward", dout.dtype, dx.size, dout, arg, dx, *map(_i, (n * c, h, w, k, stride, oh, ow)))
+    return dx
+
+
+# --- BatchNorm ---------------------------------------------------------------------------------
+def batchnorm_forward(x, mean, inv_std, gamma, beta):
+    """(xhat, out) with xhat = (x - mean) * inv_std and out = gamma * xhat + beta, per channel."""
+    cp = _import_cupy()
+    x = _contiguous(x)
+    xhat, out = cp.empty_like(x), cp.empty_like(x)
+    dt = x.dtype
+    _launch("batchnorm_forward", dt, x.size, x, *(_contiguous(v, dt) for v in (mean, inv_std, gamma, beta)),
+            xhat, out, np.int64(x.size), _i(x.shape[1]), _i(x.shape[2] * x.shape[3]))
+    return xhat, out
+
+
+def batchnorm_backward(g, xhat, scale, sum_g, sum_g_xhat, training):
+    """dL/dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M) in training, scale * g in eval."""
+    cp = _import_cupy()
+    g = _contiguous(g)
+    dx = cp.empty_like(g)
+    dt = g.dtype
+    m = g.shape[0] * g.shape[2] * g.shape[3]
+    _launch("batchnorm_backward", dt, g.size, g, xhat, *(_contiguous(v, dt) for v in (scale, sum_g, sum_g_xhat)),
+            dx, np.int64(g.size), _i(g.shape[1]), _i(g.shape[2] * g.shape[3]), dt.type(1.0 / m), _i(training))
+    return dx
+
+
+# --- dropout -----------------------------------------------------------------------------------
+def dropout(x, p, seed):
+    """x * mask / (1 - p) with mask_i = [hash(seed, i) >= p]: the same seed gives the same mask,
+    so backward calls this on dL/dout with the forward's seed."""
+    cp = _import_cupy()
+    x = _contiguous(x)
+    out = cp.empty_like(x)
+    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    _launch("dropout", x.dtype, x.size, x, out, np.int64(x.size), np.uint64(seed), np.float64(p), x.dtype.type(scale))
+    return out
+
+
+# --- loss --------------------------------------------------------------------------------------
+def softmax_cross_entropy(logits, labels, weight, eps):
+    """(row_loss, row_weight, grad): per sample sum_c q_c * (-log p_c), w[y], and
+    sum(q) * softmax(z) - q (dL/dz before dividing by the total weight); see minicnn/nn/loss.py."""
+    cp = _import_cupy()
+    z = _contiguous(logits)
+    n, c = z.shape
+    row_loss, row_w = cp.empty(n, dtype=z.dtype), cp.empty(n, dtype=z.dtype)
+    grad = cp.empty_like(z)
+    _launch("softmax_cross_entropy", z.dtype, n, z, _contiguous(labels, np.int64), _contiguous(weight, z.dtype),
+            row_loss, row_w, grad, _i(n), _i(c), z.dtype.type(eps))
+    return row_loss, row_w, grad
+
+
+# --- optimizer updates (in place, one launch per parameter) ------------------------------------
+def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    t = p.dtype.type
+    _launch("sgd_update", p.dtype, p.size, p, _contiguous(g, p.dtype), buf, np.int64(p.size), t(lr),
+            t(momentum), t(dampening), t(weight_decay), _i(nesterov), _i(first))
+
+
+def adam_update(p, g, m, v, beta1, beta2, eps, step_size, root_bc2, l2, decay):
+    t = p.dtype.type
+    _launch("adam_update", p.dtype, p.size, p, _contiguous(g, p.dtype), m, v, np.int64(p.size), t(beta1),
+            t(beta2), t(eps), t(step_size), t(root_bc2), t(l2), t(decay))

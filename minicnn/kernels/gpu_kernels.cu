@@ -1,0 +1,196 @@
+// minicnn's CUDA kernels: the GPU path's replacements for the plain path's slowest array code.
+//
+// Compiled by CuPy (cupy.RawModule) once per dtype, with -Dreal=float or -Dreal=double; launched
+// from minicnn/kernels/gpu.py, which shows each one's Python equivalent. Every kernel is a
+// grid-stride loop over its outputs: output i is written by exactly one thread, which gathers what
+// it needs (col2im and the pooling backward included), so there are no atomics, no shared memory,
+// no races, and the result does not depend on the launch shape. (tests/cupy_emulator.py relies on
+// that to run these kernels on a CPU, one thread after the other.)
+//
+// Layouts are the plain path's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
+// columns (c, i, j), as in minicnn/kernels/im2col.py.
+
+#define GRID_STRIDE_LOOP(i, total)                                                             \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total);           \
+         i += (long long)blockDim.x * gridDim.x)
+
+// col[(n, oy, ox), (ci, i, j)] = x[n, ci, oy*s + i - p, ox*s + j - p], or 0 in the padding.
+extern "C" __global__ void im2col(const real* x, real* col, int n, int c, int h, int w, int kh, int kw,
+                                  int s, int p, int oh, int ow) {
+    const long long kcols = (long long)c * kh * kw;
+    const long long total = (long long)n * oh * ow * kcols;
+    GRID_STRIDE_LOOP(idx, total) {
+        long long row = idx / kcols;
+        int q = (int)(idx % kcols);
+        int j = q % kw, i = (q / kw) % kh, ci = q / (kw * kh);
+        int ox = (int)(row % ow), oy = (int)((row / ow) % oh);
+        long long ni = row / ((long long)ow * oh);
+        int y = oy * s + i - p, xx = ox * s + j - p;
+        col[idx] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((ni * c + ci) * h + y) * w + xx] : (real)0;
+    }
+}
+
+// The adjoint of im2col, as a gather: each pixel sums the entries of every window that saw it.
+// Pixel y is seen by output row oy at kernel offset i = y + p - oy*s, for each oy with 0 <= i < kh.
+extern "C" __global__ void col2im(const real* col, real* x, int n, int c, int h, int w, int kh, int kw,
+                                  int s, int p, int oh, int ow) {
+    const long long kcols = (long long)c * kh * kw;
+    const long long total = (long long)n * c * h * w;
+    GRID_STRIDE_LOOP(idx, total) {
+        int xx = (int)(idx % w), y = (int)((idx / w) % h), ci = (int)((idx / ((long long)w * h)) % c);
+        long long ni = idx / ((long long)w * h * c);
+        real sum = 0;
+        for (int i = 0; i < kh; ++i) {
+            int ty = y + p - i;                           // = oy * s for the row that used offset i
+            if (ty < 0 || ty % s != 0 || ty / s >= oh) continue;
+            int oy = ty / s;
+            for (int j = 0; j < kw; ++j) {
+                int tx = xx + p - j;
+                if (tx < 0 || tx % s != 0 || tx / s >= ow) continue;
+                int ox = tx / s;
+                sum += col[((ni * oh + oy) * ow + ox) * kcols + ((long long)ci * kh + i) * kw + j];
+            }
+        }
+        x[idx] = sum;
+    }
+}
+
+// Max-pooling, k x k windows at stride s (floor mode): the maximum, and its offset i*k + j in the
+// window (one byte; the first maximum wins ties, as in PyTorch).
+extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned char* arg, int nc, int h, int w,
+                                           int k, int s, int oh, int ow) {
+    const long long total = (long long)nc * oh * ow;
+    GRID_STRIDE_LOOP(idx, total) {
+        int ox = (int)(idx % ow), oy = (int)((idx / ow) % oh);
+        const real* plane = x + (idx / ((long long)ow * oh)) * h * w;
+        real best = plane[(oy * s) * w + ox * s];
+        int where = 0;
+        for (int i = 0; i < k; ++i)
+            for (int j = 0; j < k; ++j) {
+                real v = plane[(oy * s + i) * w + ox * s + j];
+                if (v > best) { best = v; where = i * k + j; }
+            }
+        out[idx] = best;
+        arg[idx] = (unsigned char)where;
+    }
+}
+
+// dL/dx of max-pooling, as a gather: each input pixel sums the gradients of the windows whose
+// maximum it was (with overlapping windows a pixel can win several).
+extern "C" __global__ void maxpool_backward(const real* dout, const unsigned char* arg, real* dx, int nc,
+                                            int h, int w, int k, int s, int oh, int ow) {
+    const long long total = (long long)nc * h * w;
+    GRID_STRIDE_LOOP(idx, total) {
+        int xx = (int)(idx % w), y = (int)((idx / w) % h);
+        long long plane = (idx / ((long long)w * h)) * oh * ow;
+        real sum = 0;
+        // windows oy with oy*s <= y < oy*s + k, i.e. (y - k) / s < oy <= y / s
+        int oy_lo = y >= k ? (y - k) / s + 1 : 0, ox_lo = xx >= k ? (xx - k) / s + 1 : 0;
+        for (int oy = oy_lo; oy <= y / s && oy < oh; ++oy)
+            for (int ox = ox_lo; ox <= xx / s && ox < ow; ++ox) {
+                long long o = plane + (long long)oy * ow + ox;
+                if (arg[o] == (y - oy * s) * k + (xx - ox * s)) sum += dout[o];
+            }
+        dx[idx] = sum;
+    }
+}
+
+// BatchNorm forward, given the per-channel statistics: xhat = (x - mean) * inv_std (kept for the
+// backward pass) and out = gamma * xhat + beta, in one pass. hw = H*W; channel = (i / hw) % c.
+extern "C" __global__ void batchnorm_forward(const real* x, const real* mean, const real* inv_std,
+                                             const real* gamma, const real* beta, real* xhat, real* out,
+                                             long long total, int c, int hw) {
+    GRID_STRIDE_LOOP(i, total) {
+        int ch = (int)((i / hw) % c);
+        real xh = (x[i] - mean[ch]) * inv_std[ch];
+        xhat[i] = xh;
+        out[i] = gamma[ch] * xh + beta[ch];
+    }
+}
+
+// BatchNorm backward, given sum(g) and sum(g * xhat) per channel and scale = gamma * inv_std:
+// training: dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M);  eval: dx = scale * g.
+extern "C" __global__ void batchnorm_backward(const real* g, const real* xhat, const real* scale,
+                                              const real* sum_g, const real* sum_g_xhat, real* dx,
+                                              long long total, int c, int hw, real inv_m, int training) {
+    GRID_STRIDE_LOOP(i, total) {
+        int ch = (int)((i / hw) % c);
+        dx[i] = training ? scale[ch] * (g[i] - (sum_g[ch] + xhat[i] * sum_g_xhat[ch]) * inv_m)
+                         : scale[ch] * g[i];
+    }
+}
+
+// Dropout with counter-based random numbers: u_i = hash(seed, i) in [0, 1), so the mask needs no
+// generator state and no memory. out = x * scale where u_i >= p, else 0. The same call on dL/dout
+// with the same seed gives dL/dx: the mask is recomputed, never stored.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void dropout(const real* x, real* out, long long total, unsigned long long seed, double p,
+                                   real scale) {
+    GRID_STRIDE_LOOP(i, total) {
+        double u = (double)(splitmix64(seed ^ splitmix64((unsigned long long)i)) >> 11) * (1.0 / 9007199254740992.0);
+        out[i] = u >= p ? x[i] * scale : (real)0;
+    }
+}
+
+// Softmax cross-entropy, one row (sample) per thread. With logp = z - logsumexp(z) and the target
+// distribution q = (1 - eps) * w[y] * onehot(y) + (eps / C) * w (see minicnn/nn/loss.py):
+// row_loss = sum_c q_c * (-logp_c), row_w = w[y], grad = sum(q) * softmax(z) - q (not yet divided
+// by the total weight).
+extern "C" __global__ void softmax_cross_entropy(const real* z, const long long* labels, const real* w,
+                                                 real* row_loss, real* row_w, real* grad, int n, int c,
+                                                 real eps) {
+    GRID_STRIDE_LOOP(r, (long long)n) {
+        const real* zr = z + r * c;
+        real* gr = grad + r * c;
+        long long y = labels[r];
+        real zmax = zr[0];
+        for (int k = 1; k < c; ++k) zmax = max(zmax, zr[k]);
+        real total = 0;
+        for (int k = 0; k < c; ++k) total += exp(zr[k] - zmax);
+        real lse = zmax + log(total);
+        real loss = 0, sum_q = 0;
+        for (int k = 0; k < c; ++k) {
+            real q = (eps / c) * w[k] + (k == y ? (1 - eps) * w[y] : (real)0);
+            loss -= q * (zr[k] - lse);
+            sum_q += q;
+            gr[k] = -q;
+        }
+        for (int k = 0; k < c; ++k) gr[k] += sum_q * exp(zr[k] - lse);
+        row_loss[r] = loss;
+        row_w[r] = w[y];
+    }
+}
+
+// One SGD step for a flat parameter, PyTorch's rule (minicnn/optim/sgd.py), in one pass.
+extern "C" __global__ void sgd_update(real* p, const real* g, real* buf, long long total, real lr, real momentum,
+                                      real dampening, real weight_decay, int nesterov, int first) {
+    GRID_STRIDE_LOOP(i, total) {
+        real gi = g[i] + weight_decay * p[i];
+        real b = first ? gi : momentum * buf[i] + (1 - dampening) * gi;
+        buf[i] = b;
+        p[i] -= lr * (nesterov ? gi + momentum * b : b);
+    }
+}
+
+// One Adam/AdamW step for a flat parameter (minicnn/optim/adam.py); bias corrections come in as
+// step_size = lr / (1 - beta1^t) and root_bc2 = sqrt(1 - beta2^t); decay = lr * weight_decay
+// for AdamW (decoupled), 0 for Adam (whose weight_decay then goes into the gradient as l2).
+extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v, long long total, real beta1,
+                                       real beta2, real eps, real step_size, real root_bc2, real l2,
+                                       real decay) {
+    GRID_STRIDE_LOOP(i, total) {
+        real pi = p[i] * (1 - decay);
+        real gi = g[i] + l2 * p[i];
+        real mi = beta1 * m[i] + (1 - beta1) * gi;
+        real vi = beta2 * v[i] + (1 - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step_size * (mi / (sqrt(vi) / root_bc2 + eps));
+    }
+}
