@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__, rng as _rng
-from ..backend import to_device, to_numpy
+from ..backend import normalize_device, to_device, to_numpy
 from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
 from ..nn import CrossEntropyLoss, no_grad
@@ -70,7 +70,7 @@ class Recipe:
 def clip_grad_norm(params, max_norm):
     """Scale all gradients so their global L2 norm is at most ``max_norm`` (PyTorch's rule); returns the norm."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads))
+    total = math.sqrt(float(sum((g.astype(np.float64) ** 2).sum() for g in grads)))   # one read from a GPU
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
@@ -210,45 +210,64 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
 
     # --- one epoch -----------------------------------------------------------------------------
+    # On the GPU the loop reads the losses (and accuracy counts) of this many steps at a time: each
+    # read waits for the GPU, so reading every step would stop it from running ahead of Python.
+    # A diverged loss is still caught, named by its batch, before anything is saved.
+    GPU_READ_EVERY = 20
+
     def _train_epoch(self):
         r, model, opt, crit = self.recipe, self.model, self.optimizer, self.criterion
         model.train()
         n_batches = len(self.train_loader)
+        read_every = self.GPU_READ_EVERY if normalize_device(self.device) == "gpu" else 1
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=n_batches, initial=self.batch, desc=f"epoch {self.epoch + 1}/{r.epochs}",
                        unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
         p = self._partial
+        pending = []          # (batch, lr, loss, number correct, batch size): still on the device
+
+        def read_pending():
+            for batch, lr, loss, correct, n in pending:
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1} "
+                        f"(learning rate {lr:.3g}); stopped without saving, so the last good checkpoint "
+                        f"in {self.out_dir} is intact. Try a lower --lr.")
+                p["loss"] += loss * n
+                p["correct"] += int(correct)
+                p["seen"] += n
+            if bar is not None and pending:
+                bar.update(len(pending))
+                bar.set_postfix(loss=f"{p['loss'] / p['seen']:.3f}", acc=f"{p['correct'] / p['seen']:.3f}",
+                                lr=f"{opt.lr:.2g}", img_s=f"{p['seen'] / max(p['seconds'], 1e-9):.0f}")
+            pending.clear()
+
         t_last = time.perf_counter()
         try:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
                 logits = model(x)
-                loss = float(crit.forward(logits, y))
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss} at epoch {self.epoch + 1}, batch {self.batch + 1} "
-                        f"(learning rate {opt.lr:.3g}); stopped without saving, so the last good checkpoint "
-                        f"in {self.out_dir} is intact. Try a lower --lr.")
+                loss = crit.forward(logits, y)
+                correct = (logits.argmax(axis=1) == to_device(y, self.device)).sum()
+                pending.append((self.batch, opt.lr, loss, correct, len(y)))
+                if len(pending) >= read_every:
+                    read_pending()
                 model.backward(crit.backward(), input_grad=False)
                 if r.clip_grad_norm:
                     clip_grad_norm(model.parameters(), r.clip_grad_norm)
                 opt.step()
                 opt.zero_grad()
                 self.batch += 1
-                if self._stop_requested:          # Ctrl-C: stop between steps, never inside one
-                    raise KeyboardInterrupt
                 now = time.perf_counter()
                 p["seconds"] += now - t_last
                 t_last = now
-                p["loss"] += loss * len(y)
-                p["correct"] += int((to_numpy(logits).argmax(1) == y).sum())
-                p["seen"] += len(y)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{p['loss'] / p['seen']:.3f}", acc=f"{p['correct'] / p['seen']:.3f}",
-                                    lr=f"{opt.lr:.2g}", img_s=f"{p['seen'] / max(p['seconds'], 1e-9):.0f}")
+                if self._stop_requested:          # Ctrl-C: stop between steps, never inside one
+                    read_pending()
+                    raise KeyboardInterrupt
+            read_pending()
         finally:
             if bar is not None:
                 bar.close()
