@@ -50,8 +50,16 @@ def _private_dataset_cache(tmp_path_factory):
         os.environ["MINICNN_CACHE"] = old
 
 
+@pytest.fixture(params=[pytest.param("cupy", marks=_need_gpu), pytest.param("gpu-emulated", marks=_need_gxx)],
+                scope="session")
+def gpu(request):
+    """The GPU with minicnn's CUDA kernels: real (skipped without one) and emulated."""
+    return "gpu"
+
+
 def _backend(item):
-    return getattr(getattr(item, "callspec", None), "params", {}).get("device")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("device") or params.get("gpu")
 
 
 def pytest_runtest_setup(item):

@@ -31,12 +31,16 @@ import types
 
 import numpy as _np
 
+import collections
+
 launches = 0
+by_name = collections.Counter()      # what the launches were
 
 
-def _count():
+def _count(name="?"):
     global launches
     launches += 1
+    by_name[name] += 1
 
 
 class ndarray:
@@ -70,7 +74,7 @@ class ndarray:
         args = _unwrap(inputs, strict=True)
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(kwargs["out"], strict=True))
-        _count()
+        _count(ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}")
         return _wrap(getattr(ufunc, method)(*args, **kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -85,15 +89,17 @@ class ndarray:
             return _wrap(attr)
 
         def method(*args, **kwargs):
-            _count()
-            return _wrap(attr(*_unwrap(args, strict=True), **_unwrap_kw(kwargs)))
+            result = attr(*_unwrap(args, strict=True), **_unwrap_kw(kwargs))
+            if not (isinstance(result, _np.ndarray) and _np.shares_memory(result, self._a)):
+                _count("." + name)                # a view (reshape, transpose, ...) launches nothing
+            return _wrap(result)
         return method
 
     def __getitem__(self, index):
         return _wrap(self._a[_unwrap_index(index)])
 
     def __setitem__(self, index, value):
-        _count()
+        _count("setitem")
         if isinstance(value, ndarray):
             value = value._a
         self._a[_unwrap_index(index)] = value       # CuPy copies host values in, too
@@ -201,14 +207,17 @@ def _wrap(v):
 
 # --- the module's functions ---------------------------------------------------------------------
 def asarray(a, dtype=None, order=None):
-    _count()
     if isinstance(a, ndarray):
-        return a if dtype is None or _np.dtype(dtype) == a.dtype else ndarray(a._a.astype(dtype))
+        if dtype is None or _np.dtype(dtype) == a.dtype:
+            return a
+        _count("astype")
+        return ndarray(a._a.astype(dtype))
+    _count("host-to-device")
     return ndarray(_np.array(a, dtype=dtype, order=order, copy=True))
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
-    _count()
+    _count("array" if isinstance(a, ndarray) else "host-to-device")
     src = a._a if isinstance(a, ndarray) else a
     return ndarray(_np.array(src, dtype=dtype, copy=True, order=order, ndmin=ndmin))
 
@@ -222,15 +231,21 @@ def get_array_module(*args):
 
 
 def ascontiguousarray(a, dtype=None):
-    _count()
     if not isinstance(a, ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
-    return ndarray(_np.ascontiguousarray(a._a, dtype=dtype))
+    result = _np.ascontiguousarray(a._a, dtype=dtype)
+    if result is not a._a:
+        _count("ascontiguousarray")
+    return a if result is a._a else ndarray(result)
+
+
+_ALLOCATE_ONLY = ("empty", "empty_like")
 
 
 def _function(name, f):
     def wrapped(*args, **kwargs):
-        _count()
+        if name not in _ALLOCATE_ONLY:
+            _count(name)
         return _wrap(f(*_unwrap(args, strict=True), **_unwrap_kw(kwargs)))
     wrapped.__name__ = name
     return wrapped
@@ -388,7 +403,7 @@ class _Kernel:
         b = tuple(block) + (1,) * (3 - len(block))
         if b[0] * b[1] * b[2] > 1024:
             raise ValueError(f"kernel {self.name}: {b} is more than 1024 threads per block")
-        _count()
+        _count("kernel:" + self.name)
         self._fn(*(ctypes.c_uint(v) for v in g + b), ptrs)
 
 

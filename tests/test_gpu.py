@@ -1,0 +1,190 @@
+"""The GPU path's CUDA kernels against the plain path and the naive loops, on a real GPU (when
+there is one) and on the CuPy emulator (tests/cupy_emulator.py) everywhere else."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import cupy_emulator
+import minicnn
+from minicnn import nn
+from minicnn.backend import to_device, to_numpy
+from minicnn.kernels import fast_kernels, gpu_kernels, reference
+from minicnn.kernels.im2col import col2im, im2col
+from minicnn.optim import SGD, Adam, AdamW
+
+conv_shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9), st.integers(1, 9),
+                        st.integers(1, 4), st.integers(1, 3), st.integers(0, 2)).filter(
+    lambda t: t[2] + 2 * t[6] >= t[4] and t[3] + 2 * t[6] >= t[4])
+
+
+@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA compiler) is not installed")
+def test_kernels_compile_for_the_gpu_without_warnings(dtype, tmp_path):
+    """The source CuPy compiles on a GPU, compiled here by nvcc for an H100/H200 (sm_90)."""
+    from minicnn.kernels.gpu import SOURCE
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", f"-Dreal={dtype}", "-x", "cu", "-Werror",
+                             "all-warnings", str(SOURCE), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@given(conv_shapes, st.sampled_from([np.float32, np.float64]))
+def test_im2col_and_col2im_kernels_match_the_plain_path(gpu, shape, dtype):
+    n, c, h, w, k, s, p = shape
+    x = np.random.default_rng(0).standard_normal((n, c, h, w)).astype(dtype)
+    col = gpu_kernels().im2col(to_device(x, gpu), k, k, s, p)
+    np.testing.assert_array_equal(to_numpy(col), im2col(x, k, k, s, p))
+    dcol = np.random.default_rng(1).standard_normal(col.shape).astype(dtype)
+    dx = gpu_kernels().col2im(to_device(dcol, gpu), x.shape, k, k, s, p)
+    np.testing.assert_allclose(to_numpy(dx), col2im(dcol, x.shape, k, k, s, p), rtol=1e-6, atol=1e-6)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4),
+       st.integers(1, 3), st.booleans())
+def test_maxpool_kernels_match_the_naive_loops(gpu, n, c, h, w, k, s, ties):
+    if h < k or w < k:
+        return
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.integers(0, 3, (n, c, h, w)).astype(np.float64) if ties else rng.standard_normal((n, c, h, w))
+    out, arg = gpu_kernels().maxpool_forward(to_device(x, gpu), k, s)
+    want = reference.maxpool2d_forward(x, k, s)
+    np.testing.assert_array_equal(to_numpy(out), want[0] if isinstance(want, tuple) else want)
+    dout = rng.standard_normal(out.shape)
+    layer = nn.MaxPool2d(k, s)
+    with fast_kernels(False):
+        layer(x)
+        want_dx = layer.backward(dout)                  # the plain path: first maximum wins ties
+    dx = gpu_kernels().maxpool_backward(to_device(dout, gpu), arg, x.shape, k, s)
+    np.testing.assert_allclose(to_numpy(dx), want_dx, rtol=0, atol=1e-12)
+
+
+def test_dropout_kernel_mask_is_a_function_of_the_seed(gpu):
+    x = to_device(np.ones((64, 512), np.float32), gpu)
+    a = to_numpy(gpu_kernels().dropout(x, 0.3, 12345))
+    b = to_numpy(gpu_kernels().dropout(x, 0.3, 12345))
+    c = to_numpy(gpu_kernels().dropout(x, 0.3, 12346))
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert set(np.unique(a)) == {0.0, np.float32(1 / 0.7)}
+    assert abs((a == 0).mean() - 0.3) < 0.01                    # 32768 draws: sd 0.0025
+    assert (to_numpy(gpu_kernels().dropout(x, 0.0, 1)) == 1).all()
+    assert (to_numpy(gpu_kernels().dropout(x, 1.0, 1)) == 0).all()
+
+
+def test_dropout_layer_backward_reuses_the_forward_mask_and_follows_the_seed(gpu):
+    def run():
+        layer = nn.Dropout(0.5, seed=7).to(gpu)
+        x = to_device(np.random.default_rng(0).standard_normal((8, 100)).astype(np.float32), gpu)
+        out = to_numpy(layer(x))
+        dx = to_numpy(layer.backward(to_device(np.ones((8, 100), np.float32), gpu)))
+        return out, dx, to_numpy(layer.last_mask())
+    out, dx, mask = run()
+    np.testing.assert_array_equal(dx, mask)
+    np.testing.assert_array_equal(run()[0], out)               # same seed, same masks
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    lambda ps: SGD(ps, lr=0.05, momentum=0.5, dampening=0.3),
+    lambda ps: Adam(ps, lr=1e-2, weight_decay=1e-3),
+    lambda ps: AdamW(ps, lr=1e-2)], ids=["sgd-wd", "nesterov", "dampening", "adam", "adamw"])
+def test_optimizer_kernels_match_the_cpu(gpu, make):
+    def run(device):
+        layer = nn.Linear(7, 5, seed=0).to(device=device, dtype=np.float64)
+        opt = make(layer.parameters())
+        rng = np.random.default_rng(0)
+        for _ in range(4):
+            for p in layer.parameters():
+                p.grad = to_device(rng.standard_normal(p.shape), device)
+            opt.step()
+        return [to_numpy(p.data) for p in layer.parameters()]
+    for got, want in zip(run(gpu), run("cpu")):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_cross_entropy_kernel_with_weights_and_smoothing_matches_the_cpu(gpu):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((9, 7)) * 4
+    labels = rng.integers(0, 7, 9)
+    for kw in ({}, {"label_smoothing": 0.1}, {"weight": rng.uniform(0.5, 2, 7)},
+               {"weight": rng.uniform(0.5, 2, 7), "label_smoothing": 0.2, "reduction": "sum"}):
+        cpu, dev = nn.CrossEntropyLoss(**kw), nn.CrossEntropyLoss(**kw)
+        want = cpu(logits, labels)
+        got = dev.forward(to_device(logits, gpu), labels)
+        assert type(got).__module__.startswith("cupy")            # stays on the device
+        np.testing.assert_allclose(float(got), want, rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(dev.backward(2.0)), cpu.backward(2.0), rtol=1e-10, atol=1e-14)
+
+
+def test_kernels_cut_the_launches_of_a_training_step():
+    """Counted on the emulator: array operations plus kernel launches, the GPU's fixed cost."""
+    from minicnn.models import EmotionClassifier
+    import minicnn.backend as backend
+    old, backend._cupy = backend._cupy, cupy_emulator
+    try:
+        counts = {}
+        for fast in (False, True):
+            with fast_kernels(fast):
+                model = EmotionClassifier().to("gpu")
+                opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+                crit = nn.CrossEntropyLoss()
+                x = to_device(np.random.default_rng(0).standard_normal((4, 1, 48, 48)).astype(np.float32), "gpu")
+                y = np.arange(4) % 7
+                for step in range(2):
+                    start = cupy_emulator.launches
+                    crit.forward(model(x), y)
+                    model.backward(crit.backward(), input_grad=False)
+                    opt.step()
+                    opt.zero_grad()
+                counts[fast] = cupy_emulator.launches - start
+        print(f"launches per training step: plain {counts[False]}, kernels {counts[True]}")
+        assert counts[True] < 0.5 * counts[False]
+    finally:
+        backend._cupy = old
+
+
+def test_minicnn_kernel_module_is_not_imported_without_a_gpu():
+    """Importing minicnn and training on the CPU never touches CuPy."""
+    import sys
+    assert minicnn.kernels.fast_kernels_enabled() in (True, False)
+    assert "cupy" not in sys.modules or minicnn.backend.gpu_available()
+
+
+def test_training_on_the_gpu_learns_and_resumes_exactly(gpu, tmp_path):
+    """The Trainer on the GPU: data batches on the device, losses read 20 steps at a time, and a run
+    stopped mid-epoch and resumed ends with the weights of the run never stopped."""
+    import json
+    import os
+    from test_training import tiny_data, tiny_recipe, weights
+    from minicnn.training import Trainer
+    quiet = dict(progress=False, log=lambda m: None, device=gpu)
+    learner = Trainer(tiny_data(), tiny_recipe(epochs=5), out_dir=str(tmp_path / "learn"), **quiet)
+    history = learner.fit()
+    assert learner.model.device == "gpu"
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.1
+
+    straight = Trainer(tiny_data(), tiny_recipe(epochs=2), out_dir=str(tmp_path / "a"), **quiet)
+    history = straight.fit()
+
+    out = str(tmp_path / "b")
+    first = Trainer(tiny_data(), tiny_recipe(epochs=2), out_dir=out, **quiet)
+    step, calls = first.optimizer.step, []
+
+    def step_then_stop():
+        step()
+        calls.append(1)
+        if len(calls) == 8:
+            first.request_stop()
+    first.optimizer.step = step_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert json.load(open(os.path.join(out, "last.json")))["batch"] == 2
+    resumed = Trainer(tiny_data(), tiny_recipe(epochs=2), out_dir=out, **quiet)
+    resumed.fit(resume=True)
+    for k, v in weights(straight).items():
+        np.testing.assert_array_equal(weights(resumed)[k], v, err_msg=k)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in history]
