@@ -19,7 +19,16 @@ anything needing shared memory or ``__syncthreads`` (minicnn's kernels use neith
 real GPU remains the proof; this makes every line of the GPU path run on every machine.
 
 ``launches`` counts array operations and kernel launches, a proxy for a GPU's launch overhead.
+
+Stream capture (CUDA graphs) follows CUDA's rules: between ``stream.begin_capture()`` and
+``end_capture()`` nothing that writes existing memory runs (kernel launches, in-place operations,
+assignments: they are recorded); new arrays are computed only so that shapes are known, then
+filled with NaN (or 0xFF bytes) when the capture ends, as a GPU leaves them unwritten; every copy
+between host and device raises, as it does on a GPU. ``Graph.launch()`` replays the record with
+the arguments it had, into the same memory.
 """
+import collections
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -31,10 +40,37 @@ import types
 
 import numpy as _np
 
-import collections
-
 launches = 0
 by_name = collections.Counter()      # what the launches were
+_recording = None                    # the operations of a stream capture in progress
+_captured_arrays = None              # arrays made during the capture (poisoned when it ends)
+
+
+def _no_transfer(what):
+    if _recording is not None:
+        raise RuntimeError(f"emulated CUDA: {what} is not allowed while a stream is being captured "
+                           "(cudaErrorStreamCaptureUnsupported)")
+
+
+def _shares(result, sources):
+    return any(isinstance(s, _np.ndarray) and _np.shares_memory(result, s) for s in sources)
+
+
+def _run(fn, inplace, sources=()):
+    """Run an operation now, or under capture record it (in-place ones are only recorded)."""
+    if _recording is None:
+        return fn()
+    if inplace:
+        _recording.append(fn)
+        return None
+    compute = fn
+    fn = lambda: _np.asarray(compute())          # noqa: E731  (a reduction's scalar: a 0-d array)
+    with _np.errstate(all="ignore"):
+        result = fn()
+    if isinstance(result, _np.ndarray) and not _shares(result, sources):
+        _captured_arrays.append(result)
+        _recording.append(lambda: result.__setitem__(Ellipsis, fn()))
+    return result
 
 
 def _count(name="?"):
@@ -64,7 +100,14 @@ class ndarray:
     base = property(lambda self: None if self._a.base is None else self._a.base)
 
     def get(self, stream=None, out=None):
+        _no_transfer("a copy to the host")
         return self._a.copy()
+
+    def set(self, arr, stream=None):
+        _no_transfer("a copy from the host")
+        if isinstance(arr, ndarray) or _np.shape(arr) != self.shape:
+            raise ValueError(f"set() takes a host array of shape {self.shape}")
+        self._a[...] = arr
 
     def __array__(self, *args, **kwargs):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. "
@@ -72,10 +115,12 @@ class ndarray:
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         args = _unwrap(inputs, strict=True)
-        if "out" in kwargs:
-            kwargs["out"] = tuple(_unwrap(kwargs["out"], strict=True))
         _count(ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}")
-        return _wrap(getattr(ufunc, method)(*args, **kwargs))
+        if "out" in kwargs:
+            kwargs["out"] = out = tuple(_unwrap(kwargs["out"], strict=True))
+            _run(lambda: getattr(ufunc, method)(*args, **kwargs), inplace=True)
+            return _wrap(out[0] if len(out) == 1 else out)
+        return _wrap(_run(lambda: getattr(ufunc, method)(*args, **kwargs), False, args))
 
     def __array_function__(self, func, types_, args, kwargs):
         ours = getattr(sys.modules[__name__], func.__name__, None)
@@ -89,7 +134,11 @@ class ndarray:
             return _wrap(attr)
 
         def method(*args, **kwargs):
-            result = attr(*_unwrap(args, strict=True), **_unwrap_kw(kwargs))
+            uargs, ukw = _unwrap(args, strict=True), _unwrap_kw(kwargs)
+            if name in _INPLACE_METHODS:
+                _count("." + name)
+                return _run(lambda: attr(*uargs, **ukw), inplace=True)
+            result = _run(lambda: attr(*uargs, **ukw), False, (self._a,))
             if not (isinstance(result, _np.ndarray) and _np.shares_memory(result, self._a)):
                 _count("." + name)                # a view (reshape, transpose, ...) launches nothing
             return _wrap(result)
@@ -102,7 +151,10 @@ class ndarray:
         _count("setitem")
         if isinstance(value, ndarray):
             value = value._a
-        self._a[_unwrap_index(index)] = value       # CuPy copies host values in, too
+        elif isinstance(value, _np.ndarray) and value.ndim > 0:
+            _no_transfer("a copy from the host")    # CuPy copies host arrays in, outside a capture
+        a, idx = self._a, _unwrap_index(index)
+        _run(lambda: a.__setitem__(idx, value), inplace=True)
 
     def __len__(self):
         return len(self._a)
@@ -111,6 +163,7 @@ class ndarray:
         return (_wrap(v) for v in self._a)
 
     def _scalar(self, kind):
+        _no_transfer(f"reading a device value ({kind})")
         if self._a.size != 1:
             raise TypeError(f"only size-1 arrays can be converted to Python scalars ({kind})")
         return self._a.reshape(()).item()
@@ -128,12 +181,14 @@ class ndarray:
         return self._scalar("item")
 
     def tolist(self):
+        _no_transfer("a copy to the host")
         return self._a.tolist()
 
     def __repr__(self):
         return "emulated_" + repr(self._a)
 
     def __format__(self, spec):
+        _no_transfer("reading a device value")
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
 
@@ -165,6 +220,7 @@ ndarray.__pos__ = lambda self: _np.positive(self)
 ndarray.__abs__ = lambda self: _np.absolute(self)
 ndarray.__invert__ = lambda self: _np.invert(self)
 ndarray.__hash__ = None
+_INPLACE_METHODS = ("fill", "sort", "put", "resize", "setfield", "itemset")
 
 
 # --- moving between the wrapper and NumPy -----------------------------------------------------
@@ -211,15 +267,19 @@ def asarray(a, dtype=None, order=None):
         if dtype is None or _np.dtype(dtype) == a.dtype:
             return a
         _count("astype")
-        return ndarray(a._a.astype(dtype))
+        src = a._a
+        return ndarray(_run(lambda: src.astype(dtype), False, (src,)))
+    _no_transfer("a copy from the host")
     _count("host-to-device")
     return ndarray(_np.array(a, dtype=dtype, order=order, copy=True))
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    if not isinstance(a, ndarray):
+        _no_transfer("a copy from the host")
     _count("array" if isinstance(a, ndarray) else "host-to-device")
     src = a._a if isinstance(a, ndarray) else a
-    return ndarray(_np.array(src, dtype=dtype, copy=True, order=order, ndmin=ndmin))
+    return ndarray(_run(lambda: _np.array(src, dtype=dtype, copy=True, order=order, ndmin=ndmin), False))
 
 
 def asnumpy(a, stream=None):
@@ -233,10 +293,11 @@ def get_array_module(*args):
 def ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
-    result = _np.ascontiguousarray(a._a, dtype=dtype)
-    if result is not a._a:
-        _count("ascontiguousarray")
-    return a if result is a._a else ndarray(result)
+    src = a._a
+    if src.flags.c_contiguous and (dtype is None or _np.dtype(dtype) == src.dtype):
+        return a
+    _count("ascontiguousarray")
+    return ndarray(_run(lambda: _np.ascontiguousarray(src, dtype=dtype), False, (src,)))
 
 
 _ALLOCATE_ONLY = ("empty", "empty_like")
@@ -244,9 +305,17 @@ _ALLOCATE_ONLY = ("empty", "empty_like")
 
 def _function(name, f):
     def wrapped(*args, **kwargs):
-        if name not in _ALLOCATE_ONLY:
-            _count(name)
-        return _wrap(f(*_unwrap(args, strict=True), **_unwrap_kw(kwargs)))
+        uargs, ukw = _unwrap(args, strict=True), _unwrap_kw(kwargs)
+        if name in _ALLOCATE_ONLY:                 # memory, no launch: garbage until written
+            result = f(*uargs, **ukw)
+            if _recording is not None:
+                _captured_arrays.append(result)
+            return _wrap(result)
+        _count(name)
+        if "out" in ukw and ukw["out"] is not None:
+            _run(lambda: f(*uargs, **ukw), inplace=True)
+            return _wrap(ukw["out"])
+        return _wrap(_run(lambda: f(*uargs, **ukw), False, uargs))
     wrapped.__name__ = name
     return wrapped
 
@@ -269,12 +338,19 @@ class _RandomState:
         self._g = _np.random.RandomState(None if seed is None else int(seed) % (1 << 32))
 
     def random_sample(self, size=None, dtype=float):
-        _count()
+        _no_random()
+        _count("random")
         return ndarray(self._g.random_sample(size).astype(dtype))
 
     def standard_normal(self, size=None, dtype=float):
-        _count()
+        _no_random()
+        _count("random")
         return ndarray(self._g.standard_normal(size).astype(dtype))
+
+
+def _no_random():
+    if _recording is not None:
+        raise RuntimeError("emulated CUDA: a random generator's draws would repeat on every replay of a graph")
 
 
 random = types.SimpleNamespace(RandomState=_RandomState)
@@ -296,22 +372,79 @@ class _Device:
 
 
 class _Stream:
+    def __init__(self, null=False, non_blocking=False, ptds=False):
+        self.null = null
+
     def synchronize(self):
-        pass
+        _no_transfer("synchronizing")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        global _recording, _captured_arrays
+        if self.null:
+            raise RuntimeError("cannot capture on the default (legacy) stream")
+        if _recording is not None:
+            raise RuntimeError("emulated CUDA: a capture is already in progress")
+        _recording, _captured_arrays = [], []
+
+    def end_capture(self):
+        global _recording, _captured_arrays
+        if _recording is None:
+            raise RuntimeError("emulated CUDA: end_capture() without begin_capture()")
+        graph = _Graph(_recording)
+        for a in _captured_arrays:       # what a GPU would hold: nothing was computed yet
+            if a.dtype.kind in "fc":
+                a[...] = _np.nan
+            elif a.dtype.kind == "b":
+                a[...] = True
+            else:
+                a[...] = _np.iinfo(a.dtype).max
+        _recording = _captured_arrays = None
+        return graph
+
+    def is_capturing(self):
+        return _recording is not None
 
 
-cuda = types.SimpleNamespace(
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, runtimeGetVersion=lambda: 13000,
-                                  getDeviceProperties=lambda i: {"name": b"emulated GPU"}),
-    Device=_Device, get_current_stream=lambda: _Stream(), Stream=_Stream)
+class _Graph:
+    def __init__(self, operations):
+        self._operations = operations
+
+    def launch(self, stream=None):
+        _no_transfer("launching a graph")
+        global launches
+        launches += 1
+        by_name["graph"] += 1
+        for op in self._operations:
+            op()
 
 
 class _Pool:
+    def __init__(self, allocator=None):
+        self.malloc = object()
+
     def used_bytes(self):
         return 0
 
     def free_all_blocks(self):
         pass
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    yield
+
+
+cuda = types.SimpleNamespace(
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, runtimeGetVersion=lambda: 13000,
+                                  getDeviceProperties=lambda i: {"name": b"emulated GPU"}),
+    Device=_Device, get_current_stream=lambda: _Stream(null=True), Stream=_Stream, Graph=_Graph,
+    MemoryPool=_Pool, using_allocator=_using_allocator)
 
 
 def get_default_memory_pool():
@@ -392,6 +525,7 @@ class _Kernel:
                 if not arg._a.flags.c_contiguous:
                     raise TypeError(f"kernel {self.name} argument {i}: the array is not C-contiguous")
                 value = ctypes.c_void_p(arg._a.ctypes.data)
+                keep.append(arg._a)              # a replayed graph still needs the memory
             else:
                 if not isinstance(arg, _np.generic) or arg.dtype != want:
                     raise TypeError(f"kernel {self.name} argument {i}: expected a NumPy {want} scalar for C "
@@ -404,7 +538,8 @@ class _Kernel:
         if b[0] * b[1] * b[2] > 1024:
             raise ValueError(f"kernel {self.name}: {b} is more than 1024 threads per block")
         _count("kernel:" + self.name)
-        self._fn(*(ctypes.c_uint(v) for v in g + b), ptrs)
+        fn, dims = self._fn, [ctypes.c_uint(v) for v in g + b]
+        _run(lambda: (fn(*dims, ptrs), keep), inplace=True)
 
 
 class RawModule:
