@@ -61,17 +61,21 @@ def test_maxpool_kernels_match_the_naive_loops(gpu, n, c, h, w, k, s, ties):
     np.testing.assert_allclose(to_numpy(dx), want_dx, rtol=0, atol=1e-12)
 
 
+def _seed(value):
+    return gpu_kernels().DeviceValues(np.uint64).set([value])
+
+
 def test_dropout_kernel_mask_is_a_function_of_the_seed(gpu):
     x = to_device(np.ones((64, 512), np.float32), gpu)
-    a = to_numpy(gpu_kernels().dropout(x, 0.3, 12345))
-    b = to_numpy(gpu_kernels().dropout(x, 0.3, 12345))
-    c = to_numpy(gpu_kernels().dropout(x, 0.3, 12346))
+    a = to_numpy(gpu_kernels().dropout(x, 0.3, _seed(12345)))
+    b = to_numpy(gpu_kernels().dropout(x, 0.3, _seed(12345)))
+    c = to_numpy(gpu_kernels().dropout(x, 0.3, _seed(12346)))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     assert set(np.unique(a)) == {0.0, np.float32(1 / 0.7)}
     assert abs((a == 0).mean() - 0.3) < 0.01                    # 32768 draws: sd 0.0025
-    assert (to_numpy(gpu_kernels().dropout(x, 0.0, 1)) == 1).all()
-    assert (to_numpy(gpu_kernels().dropout(x, 1.0, 1)) == 0).all()
+    assert (to_numpy(gpu_kernels().dropout(x, 0.0, _seed(1))) == 1).all()
+    assert (to_numpy(gpu_kernels().dropout(x, 1.0, _seed(1))) == 0).all()
 
 
 def test_dropout_layer_backward_reuses_the_forward_mask_and_follows_the_seed(gpu):

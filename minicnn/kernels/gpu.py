@@ -49,6 +49,36 @@ def _i(v):
     return np.int32(v)
 
 
+class DeviceValues:
+    """A few host numbers kept in a small device array for kernels to read (a seed, a learning
+    rate): copied to the device only when they change, and never while a CUDA graph is being
+    captured (:func:`capturing`), when a copy from the host is not allowed."""
+
+    def __init__(self, dtype):
+        self.dtype, self._host, self.array = np.dtype(dtype), None, None
+
+    def set(self, values):
+        values = tuple(values)
+        if values != self._host:
+            if capturing():
+                raise RuntimeError("a value a kernel reads changed while a CUDA graph was being captured")
+            host = np.array(values, dtype=self.dtype)
+            if self.array is None:
+                self.array = _import_cupy().asarray(host)
+            else:
+                self.array.set(host)             # in place: a captured graph keeps reading this array
+            self._host = values
+        return self.array
+
+
+_capturing = False
+
+
+def capturing():
+    """True while minicnn captures a CUDA graph (see minicnn.training.graph)."""
+    return _capturing
+
+
 def tf32_enabled():
     """True when CuPy lets cuBLAS use TF32 tensor cores for float32 products (CUPY_TF32=1)."""
     return os.environ.get("CUPY_TF32", "0") not in ("", "0")
@@ -132,12 +162,13 @@ def batchnorm_backward(g, xhat, scale, sum_g, sum_g_xhat, training):
 # --- dropout -----------------------------------------------------------------------------------
 def dropout(x, p, seed):
     """x * mask / (1 - p) with mask_i = [hash(seed, i) >= p]: the same seed gives the same mask,
-    so backward calls this on dL/dout with the forward's seed."""
+    so backward calls this on dL/dout with the forward's seed. ``seed``: a one-element uint64 device
+    array (see :func:`device_values`)."""
     cp = _import_cupy()
     x = _contiguous(x)
     out = cp.empty_like(x)
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    _launch("dropout", x.dtype, x.size, x, out, np.int64(x.size), np.uint64(seed), np.float64(p), x.dtype.type(scale))
+    _launch("dropout", x.dtype, x.size, x, out, np.int64(x.size), seed, np.float64(p), x.dtype.type(scale))
     return out
 
 
@@ -156,10 +187,10 @@ def softmax_cross_entropy(logits, labels, weight, eps):
 
 
 # --- optimizer updates (in place, one launch per parameter) ------------------------------------
-def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
-    t = p.dtype.type
-    _launch("sgd_update", p.dtype, p.size, p, _contiguous(g, p.dtype), buf, np.int64(p.size), t(lr),
-            t(momentum), t(dampening), t(weight_decay), _i(nesterov), _i(first))
+def sgd_update(p, g, buf, hyper, nesterov, first):
+    """``hyper``: device array [lr, momentum, dampening, weight_decay] of p's dtype."""
+    _launch("sgd_update", p.dtype, p.size, p, _contiguous(g, p.dtype), buf, np.int64(p.size), hyper,
+            _i(nesterov), _i(first))
 
 
 def adam_update(p, g, m, v, beta1, beta2, eps, step_size, root_bc2, l2, decay):

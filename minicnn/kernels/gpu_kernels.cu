@@ -9,6 +9,11 @@
 //
 // Layouts are the plain path's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
 // columns (c, i, j), as in minicnn/kernels/im2col.py.
+//
+// Values that change from step to step (the learning rate, dropout's seed) are read from device
+// memory, not passed as arguments: a training step captured as a CUDA graph (minicnn/training/
+// graph.py) replays its launches with the arguments they had at capture, and sees new values only
+// through memory.
 
 #define GRID_STRIDE_LOOP(i, total)                                                             \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total);           \
@@ -130,8 +135,9 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
-extern "C" __global__ void dropout(const real* x, real* out, long long total, unsigned long long seed, double p,
-                                   real scale) {
+extern "C" __global__ void dropout(const real* x, real* out, long long total, const unsigned long long* seed_ptr,
+                                   double p, real scale) {
+    const unsigned long long seed = *seed_ptr;
     GRID_STRIDE_LOOP(i, total) {
         double u = (double)(splitmix64(seed ^ splitmix64((unsigned long long)i)) >> 11) * (1.0 / 9007199254740992.0);
         out[i] = u >= p ? x[i] * scale : (real)0;
@@ -168,8 +174,10 @@ extern "C" __global__ void softmax_cross_entropy(const real* z, const long long*
 }
 
 // One SGD step for a flat parameter, PyTorch's rule (minicnn/optim/sgd.py), in one pass.
-extern "C" __global__ void sgd_update(real* p, const real* g, real* buf, long long total, real lr, real momentum,
-                                      real dampening, real weight_decay, int nesterov, int first) {
+// hyper = {lr, momentum, dampening, weight_decay}.
+extern "C" __global__ void sgd_update(real* p, const real* g, real* buf, long long total, const real* hyper,
+                                      int nesterov, int first) {
+    const real lr = hyper[0], momentum = hyper[1], dampening = hyper[2], weight_decay = hyper[3];
     GRID_STRIDE_LOOP(i, total) {
         real gi = g[i] + weight_decay * p[i];
         real b = first ? gi : momentum * buf[i] + (1 - dampening) * gi;

@@ -80,11 +80,14 @@ class BatchNorm2d(Module):
         return out
 
     def _update_running(self, mu, unbiased_var):
-        nbt = self.num_batches_tracked + 1
-        self.set_buffer("num_batches_tracked", nbt)
+        # In place, so the buffers stay the same arrays (a CUDA graph of the step updates them).
+        nbt = self._buffers["num_batches_tracked"]
+        nbt += 1
         f = self.momentum if self.momentum is not None else 1.0 / float(nbt)
-        self.set_buffer("running_mean", (1 - f) * self.running_mean + f * mu)
-        self.set_buffer("running_var", (1 - f) * self.running_var + f * unbiased_var)
+        for name, batch_value in (("running_mean", mu), ("running_var", unbiased_var)):
+            running = self._buffers[name]
+            running *= 1 - f
+            running += f * batch_value
 
     def backward(self, dout):
         cache = self._saved()

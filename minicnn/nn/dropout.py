@@ -31,6 +31,7 @@ class Dropout(Module):
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.p = float(p)
         self._rng = _rng.spawn(seed)       # NumPy generator (CPU masks; a seed per step on the GPU)
+        self._seed_on_device = None        # the GPU kernels' seed, in device memory
         self._cache = None
 
     def extra_repr(self):
@@ -56,7 +57,11 @@ class Dropout(Module):
             self._cache = (None, x.shape)
             return x
         if gpu_path(x):
-            seed = self._seed()
+            if self._seed_on_device is None:
+                self._seed_on_device = gpu_kernels().DeviceValues(np.uint64)
+            if not gpu_kernels().capturing():      # (a CUDA graph's replays draw in _before_graph_replay)
+                self._seed_on_device.set([self._seed()])
+            seed = self._seed_on_device.array
             self._cache = (("gpu", seed, x.dtype), x.shape)
             return gpu_kernels().dropout(x, self.p, seed)
         xp = get_array_module(x)
@@ -65,6 +70,11 @@ class Dropout(Module):
         mask = keep.astype(x.dtype) * x.dtype.type(scale)
         self._cache = (mask, x.shape)
         return x * mask
+
+    def _before_graph_replay(self):
+        """A replayed CUDA graph of a training step does not call forward(): draw its seed here."""
+        if self.training and self.p > 0.0 and self._seed_on_device is not None:
+            self._seed_on_device.set([self._seed()])
 
     def last_mask(self):
         """The mask of the last forward pass (out = x * mask, scale included), or None when it
