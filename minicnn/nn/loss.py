@@ -38,6 +38,7 @@ class CrossEntropyLoss:
         self.weight = weight
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
+        self._weights, self._weights_for = None, None
         self._cache = None
 
     def __repr__(self):
@@ -51,7 +52,18 @@ class CrossEntropyLoss:
     def _check(self, logits, labels):
         check_input(self, logits, ("N", "C"))
         n, c = logits.shape
-        labels_np = labels.get() if hasattr(labels, "get") else np.asarray(labels)
+        if self.weight is not None and self.weight.shape != (c,):
+            raise ValueError(f"weight has shape {self.weight.shape} but the logits have {c} classes")
+        if n == 0:
+            raise ValueError("CrossEntropyLoss got an empty batch")
+        if device_of(labels) == "gpu":
+            # Labels already on the GPU: checking their values would wait for the GPU (and is not
+            # allowed while a CUDA graph is captured), so only their shape and type are checked.
+            if labels.shape != (n,) or labels.dtype.kind not in "iu":
+                raise ValueError(f"CrossEntropyLoss expects integer labels of shape ({n},) for logits of shape "
+                                 f"({n}, {c}), got {labels.dtype} labels of shape {tuple(labels.shape)}")
+            return labels
+        labels_np = np.asarray(labels)
         if labels_np.shape != (n,):
             raise ValueError(f"CrossEntropyLoss expects labels of shape ({n},) for logits of shape "
                              f"({n}, {c}), got {labels_np.shape}")
@@ -60,21 +72,24 @@ class CrossEntropyLoss:
         if n and (labels_np.min() < 0 or labels_np.max() >= c):
             raise ValueError(f"labels must be in [0, {c}), got values from {labels_np.min()} "
                              f"to {labels_np.max()}")
-        if self.weight is not None and self.weight.shape != (c,):
-            raise ValueError(f"weight has shape {self.weight.shape} but the logits have {c} classes")
-        if n == 0:
-            raise ValueError("CrossEntropyLoss got an empty batch")
         return labels_np
+
+    def _class_weights(self, c, like):
+        """The class weights (ones if none) on ``like``'s device and dtype, made once."""
+        key = (device_of(like), like.dtype, c)
+        if self._weights_for != key:
+            w = np.ones(c) if self.weight is None else self.weight
+            self._weights, self._weights_for = to_device(w.astype(like.dtype), key[0]), key
+        return self._weights
 
     def forward(self, logits, labels):
         """The loss as a 0-d array on the logits' device; caches what backward needs."""
-        labels_np = self._check(logits, labels)
+        labels = self._check(logits, labels)
         xp = get_array_module(logits)
         n, c = logits.shape
-        labels = to_device(labels_np.astype(np.int64), device_of(logits))
+        labels = to_device(labels, device_of(logits)).astype(np.int64, copy=False)
         eps = self.label_smoothing
-        w = (xp.ones(c, dtype=logits.dtype) if self.weight is None
-             else to_device(self.weight.astype(logits.dtype), device_of(logits)))
+        w = self._class_weights(c, logits)
         if gpu_path(logits):
             row_loss, row_w, grad = gpu_kernels().softmax_cross_entropy(logits, labels, w, eps)
             total_w = row_w.sum() if self.reduction == "mean" else logits.dtype.type(1.0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__, rng as _rng
-from ..backend import normalize_device, to_device, to_numpy
+from ..backend import get_array_module, normalize_device, to_device, to_numpy
 from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
 from ..nn import CrossEntropyLoss, no_grad
@@ -68,9 +68,23 @@ class Recipe:
 
 
 def clip_grad_norm(params, max_norm):
-    """Scale all gradients so their global L2 norm is at most ``max_norm`` (PyTorch's rule); returns the norm."""
+    """Scale all gradients so their global L2 norm is at most ``max_norm`` (PyTorch's rule); returns the norm.
+
+    On the GPU it reads nothing back: the norm, the factor min(1, max_norm / (norm + 1e-6)) and the
+    scaling stay on the device (multiplying by exactly 1 changes nothing), and the norm is returned
+    as a 0-d device array (``float()`` of it waits for the GPU)."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = math.sqrt(float(sum((g.astype(np.float64) ** 2).sum() for g in grads)))   # one read from a GPU
+    if not grads:
+        return 0.0
+    xp = get_array_module(*grads)
+    sq = sum((g.astype(np.float64) ** 2).sum() for g in grads)
+    if xp is not np:
+        total = xp.sqrt(sq)
+        coef = xp.minimum(max_norm / (total + 1e-6), 1.0)
+        for g in grads:
+            g *= coef.astype(g.dtype)
+        return total
+    total = math.sqrt(float(sq))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:
