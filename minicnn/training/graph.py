@@ -1,0 +1,144 @@
+"""A training step as a CUDA graph: captured once, replayed every step.
+
+On a large GPU a batch-64 step of the EmotionClassifier is some 180 small kernel launches and array
+operations (``tests/test_gpu.py`` counts them), each finished in microseconds: the step's time goes
+to Python and CuPy issuing them. A CUDA graph records the launches of one step once (CuPy's stream
+capture) and replays all of them with one call.
+
+A replay repeats each launch with the arguments it had when captured, so everything that changes
+from step to step must reach the kernels through device memory, and the step is written for that:
+
+* the batch is copied into fixed input arrays before each replay;
+* SGD's learning rate and dropout's seeds are kept in small device arrays that the kernels read
+  (:class:`minicnn.kernels.gpu.DeviceValues`); they are updated before each replay, by the
+  ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
+* BatchNorm updates its running statistics in place, and gradient clipping reads nothing back;
+* nothing reads from the GPU during the capture (the loss and the count of right answers stay on
+  the device), and arrays made during the capture take their memory from a pool of the graph's
+  own, so that nothing made later is handed memory a replay writes to.
+
+The first ``warmup`` steps run eagerly (they compile the kernels and create the momentum buffers);
+a batch of another shape runs eagerly too; if the model's or the optimizer's arrays are replaced
+(``load_state_dict``, resuming) the step is captured again. Replays compute what eager steps
+compute, in the same order: ``tests/test_graph.py`` checks the weights bit for bit.
+
+    step = CudaGraphStep(model, criterion, optimizer, clip_grad_norm=5.0)
+    loss, correct = step(x, y)     # device 0-d arrays: the batch's mean loss and number right
+"""
+import numpy as np
+
+from ..backend import _import_cupy, device_of, to_device
+from ..kernels import fast_kernels_enabled, gpu_kernels
+from ..nn import BatchNorm2d
+from ..optim import SGD
+from .trainer import clip_grad_norm as _clip
+
+__all__ = ["CudaGraphStep"]
+
+
+class CudaGraphStep:
+    def __init__(self, model, criterion, optimizer, clip_grad_norm=0.0, warmup=2):
+        if model.device != "gpu":
+            raise ValueError("a CUDA graph step needs the model on the GPU: model.to('gpu') first")
+        if not fast_kernels_enabled():
+            raise ValueError("a CUDA graph step needs minicnn's GPU kernels (use_fast_kernels(True)): the plain "
+                             "path's dropout draws from a generator that a replay would repeat unchanged")
+        if type(optimizer) is not SGD or not optimizer.momentum:
+            raise ValueError(f"a CUDA graph step supports SGD with momentum (its kernel reads the learning rate "
+                             f"from device memory), not {type(optimizer).__name__}"
+                             f"{'' if type(optimizer) is not SGD else ' without momentum'}")
+        for name, m in model.named_modules():
+            if isinstance(m, BatchNorm2d) and m.momentum is None:
+                raise ValueError(f"a CUDA graph step cannot run BatchNorm2d {name!r} with momentum=None "
+                                 "(its cumulative average reads the batch count on the host)")
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.clip_grad_norm, self.warmup = float(clip_grad_norm), int(warmup)
+        self.replays = self.eager_steps = 0
+        self._graph = None
+
+    def eager(self, x, y):
+        """One ordinary training step on device arrays: exactly what the graph records."""
+        model, crit, opt = self.model, self.criterion, self.optimizer
+        logits = model(x)
+        loss = crit.forward(logits, y)
+        correct = (logits.argmax(axis=1) == y).sum()
+        model.backward(crit.backward(), input_grad=False)
+        if self.clip_grad_norm:
+            _clip(model.parameters(), self.clip_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        return loss, correct
+
+    def __call__(self, x, y):
+        """Train on the batch (x: device images; y: integer labels, host or device); returns the
+        batch's loss and number of right answers as 0-d device arrays."""
+        if not self.model.training:
+            raise ValueError("a CUDA graph step trains: call model.train() first")
+        if device_of(x) != "gpu":
+            raise ValueError("a CUDA graph step takes its images on the GPU (to_device(x, 'gpu'))")
+        y = self._labels(y, len(x))
+        if self._graph is not None and not (x.shape == self._x.shape and x.dtype == self._x.dtype
+                                            and self._bound_arrays_unchanged()):
+            if x.shape == self._x.shape:
+                self._graph = None                   # arrays replaced (a state dict loaded): capture again
+            else:
+                self.eager_steps += 1
+                return self.eager(x, y)              # another batch size: run it eagerly
+        if self._graph is None:
+            if self.eager_steps < self.warmup:
+                self.eager_steps += 1
+                return self.eager(x, y)
+            self._capture(x, y)
+        self._x[...] = x
+        self._y[...] = y
+        for m in self.model.modules():
+            if hasattr(m, "_before_graph_replay"):
+                m._before_graph_replay()
+        self.optimizer._before_graph_replay()
+        self._graph.launch()
+        self.replays += 1
+        return self._loss.copy(), self._correct.copy()
+
+    def _labels(self, y, n):
+        if device_of(y) != "gpu":
+            y = np.asarray(y)
+            if y.shape != (n,) or y.dtype.kind not in "iu":
+                raise ValueError(f"expected {n} integer labels, got {y.dtype} labels of shape {y.shape}")
+            c = getattr(self.model, "num_classes", None)
+            if n and (y.min() < 0 or (c is not None and y.max() >= c)):
+                raise ValueError(f"labels must be in [0, {c}), got values from {y.min()} to {y.max()}")
+        return to_device(y, "gpu").astype(np.int64, copy=False)
+
+    def _bound(self):
+        """The arrays the graph reads and writes in place: parameters, buffers, optimizer state."""
+        arrays = [p.data for p in self.model.parameters()]
+        arrays += [b for _, b in self.model.named_buffers()]
+        arrays += [v for state in self.optimizer.state for v in state.values() if hasattr(v, "shape")]
+        return arrays
+
+    def _bound_arrays_unchanged(self):
+        now = self._bound()
+        return len(now) == len(self._bound_at_capture) and all(a is b for a, b in zip(now, self._bound_at_capture))
+
+    def _capture(self, x, y):
+        cp, gpu = _import_cupy(), gpu_kernels()
+        self._x, self._y = x.copy(), y.copy()
+        self.optimizer._before_graph_replay()        # device hyper-parameters exist and are current
+        self._pool = cp.cuda.MemoryPool()            # the graph's own memory
+        stream = cp.cuda.Stream(non_blocking=True)
+        gpu._capturing = True
+        try:
+            with cp.cuda.using_allocator(self._pool.malloc), stream:
+                stream.begin_capture()
+                try:
+                    self._loss, self._correct = self.eager(self._x, self._y)
+                except BaseException:
+                    try:
+                        stream.end_capture()         # (an error in the step may have ended it already)
+                    except Exception:
+                        pass
+                    raise
+                graph = stream.end_capture()
+        finally:
+            gpu._capturing = False
+        self._graph, self._bound_at_capture = graph, self._bound()

@@ -1,0 +1,110 @@
+"""Training steps captured as a CUDA graph compute exactly what eager steps compute (on a GPU when
+there is one, and on the CuPy emulator, which follows CUDA's capture rules, everywhere else)."""
+import numpy as np
+import pytest
+
+import cupy_emulator
+import minicnn
+from minicnn import nn
+from minicnn.backend import to_device
+from minicnn.kernels import fast_kernels
+from minicnn.models import EmotionClassifier
+from minicnn.optim import SGD, Adam
+from minicnn.training.graph import CudaGraphStep
+
+
+def _setup(seed=0):
+    minicnn.rng.manual_seed(seed)
+    model = EmotionClassifier(num_classes=7).to("gpu")
+    opt = SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return model, opt, nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def _batches(n_steps, batch=6, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((batch, 1, 48, 48)).astype(np.float32), rng.integers(0, 7, batch))
+            for _ in range(n_steps)]
+
+
+def _state(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def _train(batches, graph, reload_at=None):
+    model, opt, crit = _setup()
+    step = CudaGraphStep(model, crit, opt, clip_grad_norm=1.0, warmup=2)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        opt.lr = 0.05 / (1 + i)                     # a schedule: the graph must see each new rate
+        if reload_at == i:                          # arrays replaced: the graph must be captured again
+            model.load_state_dict(model.state_dict())
+        loss, _ = step(to_device(x, "gpu"), y) if graph else step.eager(to_device(x, "gpu"), to_device(y, "gpu"))
+        losses.append(float(loss))
+    return _state(model), losses, step
+
+
+def test_replayed_steps_equal_eager_steps_bit_for_bit(gpu):
+    batches = _batches(7)
+    want_state, want_losses, _ = _train(batches, graph=False)
+    got_state, got_losses, step = _train(batches, graph=True)
+    assert step.replays == 5 and step.eager_steps == 2
+    assert got_losses == want_losses
+    for k, v in want_state.items():                 # weights, running statistics, batch counts
+        np.testing.assert_array_equal(got_state[k], v, err_msg=k)
+
+
+def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu):
+    batches = _batches(6)
+    batches[3] = _batches(1, batch=4, seed=9)[0]    # a short batch in the middle
+    want_state, want_losses, _ = _train(batches, graph=False, reload_at=4)
+    got_state, got_losses, step = _train(batches, graph=True, reload_at=4)
+    assert step.eager_steps == 3 and step.replays == 3
+    assert got_losses == want_losses
+    for k, v in want_state.items():
+        np.testing.assert_array_equal(got_state[k], v, err_msg=k)
+
+
+def test_graph_step_refuses_what_it_cannot_replay(gpu):
+    model, opt, crit = _setup()
+    with pytest.raises(ValueError, match="on the GPU"):
+        CudaGraphStep(EmotionClassifier(), crit, SGD(EmotionClassifier().parameters(), lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="SGD with momentum"):
+        CudaGraphStep(model, crit, Adam(model.parameters()))
+    with pytest.raises(ValueError, match="SGD with momentum"):
+        CudaGraphStep(model, crit, SGD(model.parameters(), lr=0.1))
+    with fast_kernels(False), pytest.raises(ValueError, match="GPU kernels"):
+        CudaGraphStep(model, crit, opt)
+    model.features[1].momentum = None
+    with pytest.raises(ValueError, match="momentum=None"):
+        CudaGraphStep(model, crit, opt)
+    model.features[1].momentum = 0.1
+    step = CudaGraphStep(model, crit, opt)
+    x = np.zeros((2, 1, 48, 48), np.float32)
+    with pytest.raises(ValueError, match="images on the GPU"):
+        step(x, [0, 1])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
+        step(to_device(x, "gpu"), [0, 7])
+    model.eval()
+    with pytest.raises(ValueError, match="model.train"):
+        step(to_device(x, "gpu"), [0, 1])
+
+
+# --- the emulator keeps CUDA's capture rules (else the tests above would prove little) -----------
+def test_emulator_capture_records_instead_of_running_and_forbids_host_copies():
+    cp = cupy_emulator
+    a = cp.asarray(np.arange(4.0))
+    s = cp.cuda.Stream(non_blocking=True)
+    s.begin_capture()
+    a += 1                                          # recorded, not run
+    b = a * 2                                       # computed for its shape only
+    with pytest.raises(RuntimeError, match="captured"):
+        float(a[0])
+    with pytest.raises(RuntimeError, match="captured"):
+        cp.asarray(np.ones(3))
+    graph = s.end_capture()
+    assert np.isnan(b.get()).all()                  # nothing computed yet, as on a GPU
+    np.testing.assert_array_equal(a.get(), np.arange(4.0))
+    graph.launch()
+    graph.launch()
+    np.testing.assert_array_equal(a.get(), np.arange(4.0) + 2)
+    np.testing.assert_array_equal(b.get(), (np.arange(4.0) + 2) * 2)
