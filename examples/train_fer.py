@@ -3,6 +3,7 @@
     python examples/train_fer.py                                  # built-in faces, a few minutes on 2 cores
     python examples/train_fer.py --data path/to/fer2013           # FER2013 (folder or fer2013.csv)
     python examples/train_fer.py --data path/to/fer2013 --epochs 50 --device gpu
+    python examples/train_fer.py --data path/to/fer2013 --device gpu --cuda-graph   # steps replayed as CUDA graphs
 
 Exits non-zero if the test accuracy falls below --target (90% on the built-in
 faces, 60% on FER2013 by default), like tinygrad's examples.
@@ -22,6 +23,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--cuda-graph", action="store_true", help="with --device gpu: each step replayed as a CUDA graph")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/train_fer")
     parser.add_argument("--resume", action="store_true")
@@ -39,7 +41,8 @@ def main():
                     lr=args.lr, seed=args.seed)
 
     # 3. Train: forward, loss, backward by hand, optimizer step; checkpoints every epoch.
-    trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=description)
+    trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=description,
+                      cuda_graph=args.cuda_graph)
     trainer.model.summary()
     trainer.fit(resume=args.resume)
 

@@ -36,6 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 
 import numpy as _np
@@ -44,10 +45,15 @@ launches = 0
 by_name = collections.Counter()      # what the launches were
 _recording = None                    # the operations of a stream capture in progress
 _captured_arrays = None              # arrays made during the capture (poisoned when it ends)
+_capturing_thread = None             # capture is per stream, and CuPy's current stream per thread
+
+
+def _capturing():
+    return _recording is not None and threading.get_ident() == _capturing_thread
 
 
 def _no_transfer(what):
-    if _recording is not None:
+    if _capturing():
         raise RuntimeError(f"emulated CUDA: {what} is not allowed while a stream is being captured "
                            "(cudaErrorStreamCaptureUnsupported)")
 
@@ -58,7 +64,7 @@ def _shares(result, sources):
 
 def _run(fn, inplace, sources=()):
     """Run an operation now, or under capture record it (in-place ones are only recorded)."""
-    if _recording is None:
+    if not _capturing():
         return fn()
     if inplace:
         _recording.append(fn)
@@ -308,7 +314,7 @@ def _function(name, f):
         uargs, ukw = _unwrap(args, strict=True), _unwrap_kw(kwargs)
         if name in _ALLOCATE_ONLY:                 # memory, no launch: garbage until written
             result = f(*uargs, **ukw)
-            if _recording is not None:
+            if _capturing():
                 _captured_arrays.append(result)
             return _wrap(result)
         _count(name)
@@ -349,7 +355,7 @@ class _RandomState:
 
 
 def _no_random():
-    if _recording is not None:
+    if _capturing():
         raise RuntimeError("emulated CUDA: a random generator's draws would repeat on every replay of a graph")
 
 
@@ -385,12 +391,12 @@ class _Stream:
         return False
 
     def begin_capture(self, mode=None):
-        global _recording, _captured_arrays
+        global _recording, _captured_arrays, _capturing_thread
         if self.null:
             raise RuntimeError("cannot capture on the default (legacy) stream")
         if _recording is not None:
             raise RuntimeError("emulated CUDA: a capture is already in progress")
-        _recording, _captured_arrays = [], []
+        _recording, _captured_arrays, _capturing_thread = [], [], threading.get_ident()
 
     def end_capture(self):
         global _recording, _captured_arrays
@@ -408,7 +414,7 @@ class _Stream:
         return graph
 
     def is_capturing(self):
-        return _recording is not None
+        return _capturing()
 
 
 class _Graph:

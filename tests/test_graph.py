@@ -108,3 +108,48 @@ def test_emulator_capture_records_instead_of_running_and_forbids_host_copies():
     graph.launch()
     np.testing.assert_array_equal(a.get(), np.arange(4.0) + 2)
     np.testing.assert_array_equal(b.get(), (np.arange(4.0) + 2) * 2)
+
+
+def _stop_after(trainer, k):
+    """Ask the trainer to stop after its k-th step (what Ctrl-C does), whatever runs the steps."""
+    epoch, seen = trainer.train_loader.epoch, []
+
+    def batches(*args, **kwargs):
+        for batch in epoch(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == k:
+                trainer.request_stop()
+            yield batch
+    trainer.train_loader.epoch = batches
+
+
+def test_trainer_with_cuda_graphs_equals_eager_training_and_resumes_exactly(gpu, tmp_path):
+    from test_training import tiny_data, tiny_recipe, weights
+    from minicnn.training import Trainer
+    quiet = dict(progress=False, log=lambda m: None, device=gpu)
+    eager = Trainer(tiny_data(), tiny_recipe(), out_dir=str(tmp_path / "eager"), **quiet)
+    eager.fit()
+    graphed = Trainer(tiny_data(), tiny_recipe(), out_dir=str(tmp_path / "graph"), cuda_graph=True, **quiet)
+    graphed.fit()
+    assert graphed._cuda_graph_step.replays == 12 - 2           # 2 epochs of 6 steps, 2 warm-up steps
+    assert graphed.history == [dict(h, seconds=g["seconds"], images_per_s=g["images_per_s"])
+                               for h, g in zip(eager.history, graphed.history)]
+    for k, v in weights(eager).items():
+        np.testing.assert_array_equal(weights(graphed)[k], v, err_msg=k)
+
+    out = str(tmp_path / "stopped")
+    first = Trainer(tiny_data(), tiny_recipe(), out_dir=out, cuda_graph=True, **quiet)
+    _stop_after(first, 8)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = Trainer(tiny_data(), tiny_recipe(), out_dir=out, cuda_graph=True, **quiet)
+    resumed.fit(resume=True)
+    for k, v in weights(eager).items():
+        np.testing.assert_array_equal(weights(resumed)[k], v, err_msg=k)
+
+
+def test_trainer_refuses_cuda_graphs_on_the_cpu():
+    from test_training import tiny_data
+    from minicnn.training import Trainer
+    with pytest.raises(ValueError, match="needs device='gpu'"):
+        Trainer(tiny_data(), cuda_graph=True)

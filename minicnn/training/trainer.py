@@ -139,9 +139,14 @@ def load_model(path, device="cpu"):
 
 class Trainer:
     def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
-                 progress=True, log=None):
+                 progress=True, log=None, cuda_graph=False):
+        """``cuda_graph``: on the GPU, replay each training step as a CUDA graph (see
+        :mod:`minicnn.training.graph`; SGD only); the results are those of eager steps."""
+        if cuda_graph and normalize_device(device) != "gpu":
+            raise ValueError("cuda_graph=True needs device='gpu'")
         self.recipe = recipe or Recipe()
         self.data, self.out_dir, self.device = data, out_dir, device
+        self.cuda_graph = bool(cuda_graph)
         self.data_description = data_description
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -241,6 +246,7 @@ class Trainer:
                        unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
         p = self._partial
         pending = []          # (batch, lr, loss, number correct, batch size): still on the device
+        graph_step = self._graph_step()
 
         def read_pending():
             for batch, lr, loss, correct, n in pending:
@@ -263,17 +269,23 @@ class Trainer:
         try:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
-                logits = model(x)
-                loss = crit.forward(logits, y)
-                correct = (logits.argmax(axis=1) == to_device(y, self.device)).sum()
-                pending.append((self.batch, opt.lr, loss, correct, len(y)))
-                if len(pending) >= read_every:
-                    read_pending()
-                model.backward(crit.backward(), input_grad=False)
-                if r.clip_grad_norm:
-                    clip_grad_norm(model.parameters(), r.clip_grad_norm)
-                opt.step()
-                opt.zero_grad()
+                if graph_step is not None:            # the same step, replayed as a CUDA graph
+                    loss, correct = graph_step(x, y)
+                    pending.append((self.batch, opt.lr, loss, correct, len(y)))
+                    if len(pending) >= read_every:
+                        read_pending()
+                else:
+                    logits = model(x)
+                    loss = crit.forward(logits, y)
+                    correct = (logits.argmax(axis=1) == to_device(y, self.device)).sum()
+                    pending.append((self.batch, opt.lr, loss, correct, len(y)))
+                    if len(pending) >= read_every:
+                        read_pending()
+                    model.backward(crit.backward(), input_grad=False)
+                    if r.clip_grad_norm:
+                        clip_grad_norm(model.parameters(), r.clip_grad_norm)
+                    opt.step()
+                    opt.zero_grad()
                 self.batch += 1
                 now = time.perf_counter()
                 p["seconds"] += now - t_last
@@ -285,6 +297,15 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _graph_step(self):
+        if not self.cuda_graph:
+            return None
+        if getattr(self, "_cuda_graph_step", None) is None:
+            from .graph import CudaGraphStep
+            self._cuda_graph_step = CudaGraphStep(self.model, self.criterion, self.optimizer,
+                                                  clip_grad_norm=self.recipe.clip_grad_norm)
+        return self._cuda_graph_step
 
     def _validate(self, split="val"):
         x, y = self.data[split]
