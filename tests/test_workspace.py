@@ -70,6 +70,19 @@ def test_limit_forgets_least_recently_used_buffers():
     assert workspace.stats()["buffers"] == 0
 
 
+def test_limit_forgets_a_buffer_that_is_not_first_of_its_size():
+    """The least recently used buffer can sit anywhere in its size's list (found at batch 1024)."""
+    workspace.set_limit(2 * 4 * 256 * 1024)
+    a, b = workspace.empty(BIG, np.float32), workspace.empty(BIG, np.float32)
+    del a
+    a = workspace.empty(BIG, np.float32)           # reuses the first buffer: now the second is the oldest
+    c = workspace.empty(BIG, np.float32)           # a third, over the limit: the second is forgotten
+    assert workspace.stats()["buffers"] == 2
+    for i, arr in enumerate((a, b, c)):
+        arr[:] = i
+    assert [float(arr[0, 0]) for arr in (a, b, c)] == [0.0, 1.0, 2.0]
+
+
 def test_training_steps_reuse_memory_and_keep_results_the_user_holds():
     minicnn.manual_seed(0)
     model = EmotionClassifier()

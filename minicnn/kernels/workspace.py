@@ -67,7 +67,7 @@ def _trim():
     for nbytes, e in sorted(((n, e) for n, es in _pool.items() for e in es), key=lambda t: t[1][1]):
         if total <= _limit:
             break
-        _pool[nbytes].remove(e)
+        _pool[nbytes] = [x for x in _pool[nbytes] if x is not e]   # by identity: == would compare arrays
         total -= nbytes
     for nbytes in [n for n, es in _pool.items() if not es]:
         del _pool[nbytes]
