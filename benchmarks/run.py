@@ -3,11 +3,15 @@
     python -m benchmarks                 # full run: batch 64 and 128, layers too (a few minutes)
     python -m benchmarks --quick         # under a minute
     python -m benchmarks --batch-sizes 64 256 1024 --repeats 20
+    python -m benchmarks --gpu           # the GPU comparison: batch 64, 256, 1024 (see README)
 
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
-available: minicnn's plain path, its fast CPU path, CuPy (with a GPU), PyTorch
-CPU (NCHW and channels_last) and PyTorch CUDA. Each backend runs in a worker
+available: minicnn's plain path, its fast CPU path, on a GPU its plain path, its
+CUDA kernels and its CUDA-graph step, PyTorch CPU (NCHW and channels_last) and
+PyTorch CUDA (eager).
+The GPU rows also give their ratio to PyTorch CUDA and the time one FER2013
+epoch (28,709 images) would take at their rate. Each backend runs in a worker
 process of its own (as its users run it: no shared thread pools), and the
 workers take turns, one step each, so drift in the machine's speed hits all
 alike; the table quotes medians after warm-up, ratios to PyTorch, and the
@@ -30,11 +34,14 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from minicnn.backend import gpu_available, to_device  # noqa: E402
+from minicnn.backend import gpu_available, gpu_module, synchronize, to_device  # noqa: E402
 from minicnn.kernels import fast_kernels  # noqa: E402
 from minicnn.models import EmotionClassifier  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+FER2013_TRAIN = 28709          # images in FER2013's Training split: one epoch
+GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph", "torch-cuda", "minicnn-fast",
+                "torch-cpu-cl"]
 
 # Multiply-accumulates per image of the forward pass, layer by layer.
 _FWD_MACS = {
@@ -97,16 +104,24 @@ class Backend:
 
 
 class MinicnnBackend(Backend):
-    def __init__(self, name, device, fast):
-        self.name, self.device, self.fast = name, device, fast
+    def __init__(self, name, device, fast, graph=False):
+        self.name, self.device, self.fast, self.graph = name, device, fast, graph
 
     def available(self):
         return self.device == "cpu" or gpu_available()
 
+    def info(self):
+        if self.device != "gpu":
+            return {}
+        from minicnn.kernels import gpu
+        cupy = gpu_module()
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        return dict(cupy=cupy.__version__, gpu_name=name.decode() if isinstance(name, bytes) else str(name),
+                    cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), minicnn_tf32=gpu.tf32_enabled())
+
     def sync(self):
-        if self.device == "gpu":
-            import cupy
-            cupy.cuda.Device().synchronize()
+        synchronize()
 
     def prepare(self, batch, seed=0):
         minicnn.manual_seed(seed)
@@ -116,8 +131,16 @@ class MinicnnBackend(Backend):
         rng = np.random.default_rng(seed)
         x = to_device(rng.standard_normal((batch, 1, 48, 48)).astype(np.float32), self.device)
         y = rng.integers(0, 7, batch)
+        if self.graph:
+            from minicnn.training.graph import CudaGraphStep
+            step = CudaGraphStep(model, crit, opt)
+            y = to_device(y, "gpu")
 
         def train_step():
+            if self.graph:
+                with fast_kernels(True):
+                    model.train()
+                    return step(x, y)
             with fast_kernels(self.fast):
                 model.train()
                 crit.forward(model(x), y)
@@ -227,7 +250,9 @@ def all_backends():
     return [
         MinicnnBackend("minicnn-plain", "cpu", fast=False),
         MinicnnBackend("minicnn-fast", "cpu", fast=True),
-        MinicnnBackend("minicnn-cupy", "gpu", fast=False),
+        MinicnnBackend("minicnn-cupy-plain", "gpu", fast=False),
+        MinicnnBackend("minicnn-cupy", "gpu", fast=True),
+        MinicnnBackend("minicnn-cupy-graph", "gpu", fast=True, graph=True),
         TorchBackend("torch-cpu", "cpu", channels_last=False),
         TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
         TorchBackend("torch-cuda", "cuda", channels_last=False),
@@ -430,16 +455,21 @@ def format_table(results, gemm):
     def ratio(v):
         return f"{v:.2f}x" if v else "-"
 
-    lines = [f"{'batch':>5}  {'what':<6} {'backend':<15}{'median ms':>10}{'images/s':>10}"
-             f"{'vs torch':>10}{'vs torch-cl':>12}{'GEMM bound':>11}"]
+    gpu = any(r.get("ratio_torch_cuda") for r in results)
+    lines = [f"{'batch':>5}  {'what':<6} {'backend':<19}{'median ms':>10}{'images/s':>10}"
+             f"{'vs torch':>10}{'vs torch-cl':>12}{'GEMM bound':>11}"
+             + (f"{'vs torch-cuda':>14}{'FER epoch':>10}" if gpu else "")]
     for r in results:
         frac = f"{r['gemm_frac']:.0%}" if r.get("gemm_frac") else "-"
-        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<15}{r['median_ms']:>10.1f}"
+        epoch = f"{FER2013_TRAIN / r['images_per_s']:.1f} s" if r["what"] == "train" else "-"
+        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<19}{r['median_ms']:>10.2f}"
                      f"{r['images_per_s']:>10.0f}{ratio(r.get('ratio_torch_cpu')):>10}"
-                     f"{ratio(r.get('ratio_torch_cpu_cl')):>12}{frac:>11}")
-    lines.append(f"(ratio = median time / PyTorch CPU's median time in the same run: below 1 is faster;"
+                     f"{ratio(r.get('ratio_torch_cpu_cl')):>12}{frac:>11}"
+                     + (f"{ratio(r.get('ratio_torch_cuda')):>14}{epoch:>10}" if gpu else ""))
+    lines.append(f"(ratio = median time / PyTorch's median time in the same run: below 1 is faster;"
                  f" GEMM bound = time the step's FLOPs take at the sgemm rate measured in this run,"
-                 f" {gemm:.0f} GFLOP/s, over the step's time)")
+                 f" {gemm:.0f} GFLOP/s, over the step's time"
+                 + ("; FER epoch = 28,709 training images at that rate)" if gpu else ")"))
     return "\n".join(lines)
 
 
@@ -482,8 +512,9 @@ def machine_info(workers):
 
 
 def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, backends=None, out=RESULTS,
-        chart=True):
-    """Run the suite; ``backends``: names or Backend objects (default: all that are available)."""
+        chart=True, prefix=""):
+    """Run the suite; ``backends``: names or Backend objects (default: all that are available);
+    files are written as ``<prefix>latest.json`` etc."""
     names = [getattr(b, "name", b) for b in (backends or all_backends())]
     with Workers(names) as workers:
         report = _run(workers, batch_sizes, repeats, warmup, layers)
@@ -497,11 +528,11 @@ def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, b
     if out:
         os.makedirs(out, exist_ok=True)
         stamp = datetime.date.today().isoformat()
-        for name in (f"benchmark-{stamp}.json", "latest.json"):
+        for name in (f"{prefix or 'benchmark-'}{stamp}.json", f"{prefix}latest.json"):
             with open(os.path.join(out, name), "w") as f:
                 json.dump(report, f, indent=1)
         if chart:
-            plot(report["results"], os.path.join(out, "latest.png"))
+            plot(report["results"], os.path.join(out, f"{prefix}latest.png"))
     return report
 
 
@@ -522,8 +553,12 @@ def _run(workers, batch_sizes, repeats, warmup, layers):
         for ref, key in (("torch-cpu", "ratio_torch_cpu"), ("torch-cpu-cl", "ratio_torch_cpu_cl")):
             other = next((o for o in results if o["backend"] == ref and o["what"] == r["what"]
                           and o["batch"] == r["batch"]), None)
-            if other and not r["backend"].endswith("cupy") and r["backend"] != "torch-cuda":
+            if other and "cupy" not in r["backend"] and r["backend"] != "torch-cuda":
                 r[key] = r["median_ms"] / other["median_ms"]
+        other = next((o for o in results if o["backend"] == "torch-cuda" and o["what"] == r["what"]
+                      and o["batch"] == r["batch"]), None)
+        if other and "cupy" in r["backend"]:
+            r["ratio_torch_cuda"] = r["median_ms"] / other["median_ms"]
         if "cupy" not in r["backend"] and "cuda" not in r["backend"]:
             r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -539,6 +574,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats, no layers/memory")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU comparison: " + ", ".join(GPU_BACKENDS) + " at batch 64, 256 and 1024, no layers/memory")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
@@ -548,16 +585,20 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default: benchmarks/results)")
     args = p.parse_args(argv)
-    batches = args.batch_sizes or ([64] if args.quick else [64, 128])
+    batches = args.batch_sizes or ([64] if args.quick else [64, 256, 1024] if args.gpu else [64, 128])
     repeats = args.repeats or (5 if args.quick else 15)
     backends = all_backends()
+    if args.gpu and not args.backends:
+        args.backends = GPU_BACKENDS
     if args.backends:
         unknown = set(args.backends) - {b.name for b in backends}
         if unknown:
             p.error(f"unknown backends: {', '.join(sorted(unknown))}")
         backends = [b for b in backends if b.name in args.backends]
-    report = run(batches, repeats, args.warmup, layers=not (args.quick or args.no_layers),
-                 memory=not (args.quick or args.no_memory), backends=backends, out=args.out)
+    light = args.quick or args.gpu
+    report = run(batches, repeats, args.warmup, layers=not (light or args.no_layers),
+                 memory=not (light or args.no_memory), backends=backends, out=args.out,
+                 prefix="gpu-" if args.gpu else "")
     m = report["machine"]
     print(f"minicnn {m['minicnn']} | {m.get('cpu', '?')}, {m['cpus']} cores | numpy {m['numpy']}"
           f" | torch {m.get('torch', '-')} | {report['date']}")
@@ -571,7 +612,8 @@ def main(argv=None):
               + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_memory_mb"].items() if v is not None))
         print(f"cold start (fresh process: import, numba cache load, first step): {report['cold_start_s']:.1f} s")
     if args.out:
-        print(f"\nwrote {os.path.join(args.out, 'latest.json')} and latest.png")
+        prefix = "gpu-" if args.gpu else ""
+        print(f"\nwrote {os.path.join(args.out, prefix + 'latest.json')} and {prefix}latest.png")
     return 0
 
 

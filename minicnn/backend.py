@@ -13,7 +13,7 @@ GPU without CuPy or without a GPU raises one clear :class:`DeviceError`.
 import numpy as np
 
 __all__ = [
-    "DeviceError", "get_array_module", "gpu_available", "to_device", "to_numpy",
+    "DeviceError", "get_array_module", "gpu_available", "gpu_module", "synchronize", "to_device", "to_numpy",
     "device_of", "normalize_device", "float_dtype",
 ]
 
@@ -60,6 +60,18 @@ def gpu_available():
     except DeviceError:
         return False
     return True
+
+
+def gpu_module():
+    """The ``cupy`` module; raises :class:`DeviceError` when CuPy or a GPU is missing."""
+    return _import_cupy()
+
+
+def synchronize():
+    """Wait until the GPU has finished the work queued so far (GPU work runs asynchronously: time it
+    only after this). Does nothing when no GPU is in use."""
+    if _cupy is not None:
+        _cupy.cuda.Device().synchronize()
 
 
 def _is_cupy_array(a):

@@ -50,3 +50,22 @@ def test_peak_memory_is_measured_in_a_fresh_process():
 def test_a_failing_worker_is_reported_with_its_name_and_reason():
     with pytest.raises(RuntimeError, match=r"worker 'nope' failed(.|\n)*unknown backend 'nope'"):
         bench.Workers(["nope"])
+
+
+def test_gpu_backends_run_their_steps_and_the_table_shows_gpu_ratios(gpu):
+    """The GPU backends' steps (plain, kernels, CUDA graph) run in-process on the GPU or its emulator;
+    the table gains the PyTorch-CUDA ratio and the FER2013 epoch time (numbers here are made up)."""
+    from minicnn.backend import to_numpy
+    for name in ("minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph"):
+        backend = next(b for b in bench.all_backends() if b.name == name)
+        train, infer = backend.prepare(4)
+        for _ in range(4):                          # graph: 2 eager warm-up steps, capture, replay
+            train()
+        backend.sync()
+        assert to_numpy(infer()).shape == (4, 7)
+        assert backend.info()["gpu_name"]
+    results = [dict(backend=b, what="train", batch=256, median_ms=ms, images_per_s=256 / ms * 1e3)
+               for b, ms in (("minicnn-cupy-graph", 2.0), ("torch-cuda", 2.5))]
+    results[0]["ratio_torch_cuda"] = 0.8
+    table = bench.format_table(results, 100.0)
+    assert "vs torch-cuda" in table and "0.80x" in table and f"{28709 / 128000:.1f} s" in table

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import _import_cupy
+from ..backend import gpu_module
 from .im2col import conv_output_size
 
 __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward",
@@ -31,7 +31,7 @@ _modules = {}            # (id of the cupy module, dtype) -> compiled RawModule
 
 
 def _kernel(name, dtype):
-    cp = _import_cupy()
+    cp = gpu_module()
     dtype = np.dtype(dtype)
     key = (id(cp), dtype)
     if key not in _modules:
@@ -64,7 +64,7 @@ class DeviceValues:
                 raise RuntimeError("a value a kernel reads changed while a CUDA graph was being captured")
             host = np.array(values, dtype=self.dtype)
             if self.array is None:
-                self.array = _import_cupy().asarray(host)
+                self.array = gpu_module().asarray(host)
             else:
                 self.array.set(host)             # in place: a captured graph keeps reading this array
             self._host = values
@@ -85,13 +85,13 @@ def tf32_enabled():
 
 
 def _contiguous(a, dtype=None):
-    return _import_cupy().ascontiguousarray(a, dtype=dtype)
+    return gpu_module().ascontiguousarray(a, dtype=dtype)
 
 
 # --- convolution -------------------------------------------------------------------------------
 def im2col(x, kh, kw, stride=1, padding=0):
     """:func:`minicnn.kernels.im2col.im2col` in one launch: (N, C, H, W) -> (N*OH*OW, C*KH*KW)."""
-    cp = _import_cupy()
+    cp = gpu_module()
     x = _contiguous(x)
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
@@ -102,7 +102,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
 
 def col2im(col, x_shape, kh, kw, stride=1, padding=0):
     """:func:`minicnn.kernels.im2col.col2im` in one launch, as a gather (no atomics)."""
-    cp = _import_cupy()
+    cp = gpu_module()
     col = _contiguous(col)
     n, c, h, w = x_shape
     oh, ow = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
@@ -114,7 +114,7 @@ def col2im(col, x_shape, kh, kw, stride=1, padding=0):
 # --- max-pooling -------------------------------------------------------------------------------
 def maxpool_forward(x, k, stride):
     """(out, arg): each k x k window's maximum and its offset i*k + j (uint8; k <= 16)."""
-    cp = _import_cupy()
+    cp = gpu_module()
     x = _contiguous(x)
     n, c, h, w = x.shape
     oh, ow = conv_output_size(h, k, stride, 0), conv_output_size(w, k, stride, 0)
@@ -126,7 +126,7 @@ def maxpool_forward(x, k, stride):
 
 def maxpool_backward(dout, arg, x_shape, k, stride):
     """dL/dx: each pixel gets the gradients of the windows it won."""
-    cp = _import_cupy()
+    cp = gpu_module()
     dout = _contiguous(dout)
     n, c, h, w = x_shape
     oh, ow = arg.shape[2:]
@@ -138,7 +138,7 @@ def maxpool_backward(dout, arg, x_shape, k, stride):
 # --- BatchNorm ---------------------------------------------------------------------------------
 def batchnorm_forward(x, mean, inv_std, gamma, beta):
     """(xhat, out) with xhat = (x - mean) * inv_std and out = gamma * xhat + beta, per channel."""
-    cp = _import_cupy()
+    cp = gpu_module()
     x = _contiguous(x)
     xhat, out = cp.empty_like(x), cp.empty_like(x)
     dt = x.dtype
@@ -149,7 +149,7 @@ def batchnorm_forward(x, mean, inv_std, gamma, beta):
 
 def batchnorm_backward(g, xhat, scale, sum_g, sum_g_xhat, training):
     """dL/dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M) in training, scale * g in eval."""
-    cp = _import_cupy()
+    cp = gpu_module()
     g = _contiguous(g)
     dx = cp.empty_like(g)
     dt = g.dtype
@@ -164,7 +164,7 @@ def dropout(x, p, seed):
     """x * mask / (1 - p) with mask_i = [hash(seed, i) >= p]: the same seed gives the same mask,
     so backward calls this on dL/dout with the forward's seed. ``seed``: a one-element uint64 device
     array (see :func:`device_values`)."""
-    cp = _import_cupy()
+    cp = gpu_module()
     x = _contiguous(x)
     out = cp.empty_like(x)
     scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
@@ -176,7 +176,7 @@ def dropout(x, p, seed):
 def softmax_cross_entropy(logits, labels, weight, eps):
     """(row_loss, row_weight, grad): per sample sum_c q_c * (-log p_c), w[y], and
     sum(q) * softmax(z) - q (dL/dz before dividing by the total weight); see minicnn/nn/loss.py."""
-    cp = _import_cupy()
+    cp = gpu_module()
     z = _contiguous(logits)
     n, c = z.shape
     row_loss, row_w = cp.empty(n, dtype=z.dtype), cp.empty(n, dtype=z.dtype)

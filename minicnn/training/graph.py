@@ -27,7 +27,7 @@ compute, in the same order: ``tests/test_graph.py`` checks the weights bit for b
 """
 import numpy as np
 
-from ..backend import _import_cupy, device_of, to_device
+from ..backend import device_of, gpu_module, to_device
 from ..kernels import fast_kernels_enabled, gpu_kernels
 from ..nn import BatchNorm2d
 from ..optim import SGD
@@ -121,7 +121,7 @@ class CudaGraphStep:
         return len(now) == len(self._bound_at_capture) and all(a is b for a, b in zip(now, self._bound_at_capture))
 
     def _capture(self, x, y):
-        cp, gpu = _import_cupy(), gpu_kernels()
+        cp, gpu = gpu_module(), gpu_kernels()
         self._x, self._y = x.copy(), y.copy()
         self.optimizer._before_graph_replay()        # device hyper-parameters exist and are current
         self._pool = cp.cuda.MemoryPool()            # the graph's own memory

@@ -1,0 +1,29 @@
+#!/bin/sh
+# The GPU check, in one go, for a machine with an NVIDIA GPU and CuPy (no install needed: it runs
+# from the checkout): the environment, every GPU test, then the GPU benchmark. Results go to $OUT
+# (default benchmarks/results): gpu-env.txt, gpu-tests.txt, gpu-benchmark.txt, gpu-latest.json,
+# gpu-<date>.json and gpu-latest.png.
+#
+#     sh benchmarks/gpu_check.sh                 # or: OUT=/tmp/out PYTHON=python3.12 sh benchmarks/gpu_check.sh
+#
+# Budget: about 2 minutes of tests and 3 of benchmark on an H200 (the benchmark's CPU rows compile
+# minicnn's numba kernels first, some 15 s).
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    $PY -c "import sys, numpy, numba, cupy; print('python', sys.version.split()[0], '| numpy', numpy.__version__,
+'| numba', numba.__version__, '| cupy', cupy.__version__, '| CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())"
+    $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" 2>&1
+    $PY -c "import minicnn; print('minicnn', minicnn.__version__, '| GPU available:', minicnn.gpu_available())"
+} 2>&1 | tee "$OUT/gpu-env.txt"
+
+# Every test case that runs on CuPy: the backend-parametrised gradient checks and PyTorch parity
+# tests (plain path and CUDA kernels), the kernels, CUDA graphs, training and the benchmark's GPU rows.
+timeout 420 $PY -m pytest -q -p no:cacheprovider -k "cupy" -rs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+
+timeout 420 $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
