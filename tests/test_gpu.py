@@ -20,15 +20,39 @@ conv_shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9),
     lambda t: t[2] + 2 * t[6] >= t[4] and t[3] + 2 * t[6] >= t[4])
 
 
+@pytest.mark.parametrize("index", ["int", "long long"])
 @pytest.mark.parametrize("dtype", ["float", "double"])
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA compiler) is not installed")
-def test_kernels_compile_for_the_gpu_without_warnings(dtype, tmp_path):
+def test_kernels_compile_for_the_gpu_without_warnings(dtype, index, tmp_path):
     """The source CuPy compiles on a GPU, compiled here by nvcc for an H100/H200 (sm_90)."""
     from minicnn.kernels.gpu import SOURCE
-    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", f"-Dreal={dtype}", "-x", "cu", "-Werror",
-                             "all-warnings", str(SOURCE), "-o", str(tmp_path / "k.cubin")],
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", f"-Dreal={dtype}", f"-Didx={index}", "-x", "cu",
+                             "-Werror", "all-warnings", str(SOURCE), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_64_bit_index_kernels_give_the_same_step(gpu, monkeypatch):
+    """Past 2**31 elements the kernels do their index arithmetic in 64 bits: the same numbers."""
+    from minicnn.kernels import gpu as gpu_module
+    from minicnn.models import EmotionClassifier
+
+    def step():
+        minicnn.manual_seed(0)
+        model = EmotionClassifier().to("gpu")
+        opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+        crit = nn.CrossEntropyLoss()
+        x = to_device(np.random.default_rng(0).standard_normal((3, 1, 48, 48)).astype(np.float32), "gpu")
+        loss = float(crit.forward(model(x), np.array([0, 3, 6])))
+        model.backward(crit.backward(), input_grad=False)
+        opt.step()
+        return loss, model.state_dict()
+    narrow = step()
+    monkeypatch.setattr(gpu_module, "INT32_LIMIT", 0)
+    wide = step()
+    assert narrow[0] == wide[0]
+    for k, v in narrow[1].items():
+        np.testing.assert_array_equal(wide[1][k], v, err_msg=k)
 
 
 @given(conv_shapes, st.sampled_from([np.float32, np.float64]))

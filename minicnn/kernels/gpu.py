@@ -27,22 +27,27 @@ SOURCE = Path(__file__).with_name("gpu_kernels.cu")
 THREADS = 256            # threads per block
 MAX_BLOCKS = 65535 * 8   # the grid-stride loops cover any size with at most this many blocks
 
-_modules = {}            # (id of the cupy module, dtype) -> compiled RawModule
+INT32_LIMIT = 2 ** 31 - 1 - MAX_BLOCKS * THREADS   # past this many elements, 64-bit index arithmetic
+
+_modules = {}            # (id of the cupy module, dtype, 64-bit indices) -> compiled RawModule
 
 
-def _kernel(name, dtype):
+def _kernel(name, dtype, wide):
     cp = gpu_module()
     dtype = np.dtype(dtype)
-    key = (id(cp), dtype)
+    key = (id(cp), dtype, wide)
     if key not in _modules:
         real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
-        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=(f"-Dreal={real}",))
+        index = "long long" if wide else "int"
+        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=(f"-Dreal={real}", f"-Didx={index}"))
     return _modules[key].get_function(name)
 
 
 def _launch(name, dtype, total, *args):
+    """Launch kernel ``name`` on enough blocks for ``total`` outputs (a grid-stride loop covers the rest)."""
     blocks = max(1, min(-(-int(total) // THREADS), MAX_BLOCKS))
-    _kernel(name, dtype)((blocks,), (THREADS,), args)
+    largest = max([int(total)] + [a.size for a in args if hasattr(a, "size") and not isinstance(a, np.generic)])
+    _kernel(name, dtype, largest > INT32_LIMIT)((blocks,), (THREADS,), args)
 
 
 def _i(v):

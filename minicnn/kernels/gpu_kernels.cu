@@ -7,6 +7,10 @@
 // no races, and the result does not depend on the launch shape. (tests/cupy_emulator.py relies on
 // that to run these kernels on a CPU, one thread after the other.)
 //
+// Index arithmetic is done in `idx` (-Didx=int when every array and the grid fit in 31 bits, as
+// they do up to large batches; -Didx="long long" beyond): 64-bit division costs a GPU dozens of
+// instructions, and im2col does several per element.
+//
 // Layouts are the plain path's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
 // columns (c, i, j), as in minicnn/kernels/im2col.py.
 //
@@ -16,22 +20,22 @@
 // through memory.
 
 #define GRID_STRIDE_LOOP(i, total)                                                             \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (total);           \
-         i += (long long)blockDim.x * gridDim.x)
+    for (idx i = (idx)blockIdx.x * blockDim.x + threadIdx.x; i < (idx)(total);                   \
+         i += (idx)blockDim.x * gridDim.x)
 
 // col[(n, oy, ox), (ci, i, j)] = x[n, ci, oy*s + i - p, ox*s + j - p], or 0 in the padding.
 extern "C" __global__ void im2col(const real* x, real* col, int n, int c, int h, int w, int kh, int kw,
                                   int s, int p, int oh, int ow) {
-    const long long kcols = (long long)c * kh * kw;
-    const long long total = (long long)n * oh * ow * kcols;
-    GRID_STRIDE_LOOP(idx, total) {
-        long long row = idx / kcols;
-        int q = (int)(idx % kcols);
+    const idx kcols = (idx)c * kh * kw;
+    const idx total = (idx)n * oh * ow * kcols;
+    GRID_STRIDE_LOOP(e, total) {
+        idx row = e / kcols;
+        int q = (int)(e % kcols);
         int j = q % kw, i = (q / kw) % kh, ci = q / (kw * kh);
         int ox = (int)(row % ow), oy = (int)((row / ow) % oh);
-        long long ni = row / ((long long)ow * oh);
+        idx ni = row / ((idx)ow * oh);
         int y = oy * s + i - p, xx = ox * s + j - p;
-        col[idx] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((ni * c + ci) * h + y) * w + xx] : (real)0;
+        col[e] = (y >= 0 && y < h && xx >= 0 && xx < w) ? x[((ni * c + ci) * h + y) * w + xx] : (real)0;
     }
 }
 
@@ -39,11 +43,11 @@ extern "C" __global__ void im2col(const real* x, real* col, int n, int c, int h,
 // Pixel y is seen by output row oy at kernel offset i = y + p - oy*s, for each oy with 0 <= i < kh.
 extern "C" __global__ void col2im(const real* col, real* x, int n, int c, int h, int w, int kh, int kw,
                                   int s, int p, int oh, int ow) {
-    const long long kcols = (long long)c * kh * kw;
-    const long long total = (long long)n * c * h * w;
-    GRID_STRIDE_LOOP(idx, total) {
-        int xx = (int)(idx % w), y = (int)((idx / w) % h), ci = (int)((idx / ((long long)w * h)) % c);
-        long long ni = idx / ((long long)w * h * c);
+    const idx kcols = (idx)c * kh * kw;
+    const idx total = (idx)n * c * h * w;
+    GRID_STRIDE_LOOP(e, total) {
+        int xx = (int)(e % w), y = (int)((e / w) % h), ci = (int)((e / ((idx)w * h)) % c);
+        idx ni = e / ((idx)w * h * c);
         real sum = 0;
         for (int i = 0; i < kh; ++i) {
             int ty = y + p - i;                           // = oy * s for the row that used offset i
@@ -53,10 +57,10 @@ extern "C" __global__ void col2im(const real* col, real* x, int n, int c, int h,
                 int tx = xx + p - j;
                 if (tx < 0 || tx % s != 0 || tx / s >= ow) continue;
                 int ox = tx / s;
-                sum += col[((ni * oh + oy) * ow + ox) * kcols + ((long long)ci * kh + i) * kw + j];
+                sum += col[((ni * oh + oy) * ow + ox) * kcols + ((idx)ci * kh + i) * kw + j];
             }
         }
-        x[idx] = sum;
+        x[e] = sum;
     }
 }
 
@@ -64,10 +68,10 @@ extern "C" __global__ void col2im(const real* col, real* x, int n, int c, int h,
 // window (one byte; the first maximum wins ties, as in PyTorch).
 extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned char* arg, int nc, int h, int w,
                                            int k, int s, int oh, int ow) {
-    const long long total = (long long)nc * oh * ow;
-    GRID_STRIDE_LOOP(idx, total) {
-        int ox = (int)(idx % ow), oy = (int)((idx / ow) % oh);
-        const real* plane = x + (idx / ((long long)ow * oh)) * h * w;
+    const idx total = (idx)nc * oh * ow;
+    GRID_STRIDE_LOOP(e, total) {
+        int ox = (int)(e % ow), oy = (int)((e / ow) % oh);
+        const real* plane = x + (e / ((idx)ow * oh)) * h * w;
         real best = plane[(oy * s) * w + ox * s];
         int where = 0;
         for (int i = 0; i < k; ++i)
@@ -75,8 +79,8 @@ extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned ch
                 real v = plane[(oy * s + i) * w + ox * s + j];
                 if (v > best) { best = v; where = i * k + j; }
             }
-        out[idx] = best;
-        arg[idx] = (unsigned char)where;
+        out[e] = best;
+        arg[e] = (unsigned char)where;
     }
 }
 
@@ -84,19 +88,19 @@ extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned ch
 // maximum it was (with overlapping windows a pixel can win several).
 extern "C" __global__ void maxpool_backward(const real* dout, const unsigned char* arg, real* dx, int nc,
                                             int h, int w, int k, int s, int oh, int ow) {
-    const long long total = (long long)nc * h * w;
-    GRID_STRIDE_LOOP(idx, total) {
-        int xx = (int)(idx % w), y = (int)((idx / w) % h);
-        long long plane = (idx / ((long long)w * h)) * oh * ow;
+    const idx total = (idx)nc * h * w;
+    GRID_STRIDE_LOOP(e, total) {
+        int xx = (int)(e % w), y = (int)((e / w) % h);
+        idx plane = (e / ((idx)w * h)) * oh * ow;
         real sum = 0;
         // windows oy with oy*s <= y < oy*s + k, i.e. (y - k) / s < oy <= y / s
         int oy_lo = y >= k ? (y - k) / s + 1 : 0, ox_lo = xx >= k ? (xx - k) / s + 1 : 0;
         for (int oy = oy_lo; oy <= y / s && oy < oh; ++oy)
             for (int ox = ox_lo; ox <= xx / s && ox < ow; ++ox) {
-                long long o = plane + (long long)oy * ow + ox;
+                idx o = plane + (idx)oy * ow + ox;
                 if (arg[o] == (y - oy * s) * k + (xx - ox * s)) sum += dout[o];
             }
-        dx[idx] = sum;
+        dx[e] = sum;
     }
 }
 
@@ -151,7 +155,7 @@ extern "C" __global__ void dropout(const real* x, real* out, long long total, co
 extern "C" __global__ void softmax_cross_entropy(const real* z, const long long* labels, const real* w,
                                                  real* row_loss, real* row_w, real* grad, int n, int c,
                                                  real eps) {
-    GRID_STRIDE_LOOP(r, (long long)n) {
+    GRID_STRIDE_LOOP(r, n) {
         const real* zr = z + r * c;
         real* gr = grad + r * c;
         long long y = labels[r];
