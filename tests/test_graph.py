@@ -16,6 +16,7 @@ from minicnn.training.graph import CudaGraphStep
 def _setup(seed=0):
     minicnn.rng.manual_seed(seed)
     model = EmotionClassifier(num_classes=7).to("gpu")
+    model.features[5].momentum = None                 # a cumulative average: reads the batch count
     opt = SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
     return model, opt, nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -74,10 +75,6 @@ def test_graph_step_refuses_what_it_cannot_replay(gpu):
         CudaGraphStep(model, crit, SGD(model.parameters(), lr=0.1))
     with fast_kernels(False), pytest.raises(ValueError, match="GPU kernels"):
         CudaGraphStep(model, crit, opt)
-    model.features[1].momentum = None
-    with pytest.raises(ValueError, match="momentum=None"):
-        CudaGraphStep(model, crit, opt)
-    model.features[1].momentum = 0.1
     step = CudaGraphStep(model, crit, opt)
     x = np.zeros((2, 1, 48, 48), np.float32)
     with pytest.raises(ValueError, match="images on the GPU"):

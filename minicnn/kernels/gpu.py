@@ -19,9 +19,9 @@ import numpy as np
 from ..backend import gpu_module
 from .im2col import conv_output_size
 
-__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_forward",
-           "batchnorm_backward", "dropout", "softmax_cross_entropy", "sgd_update", "adam_update",
-           "tf32_enabled", "SOURCE"]
+__all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_statistics",
+           "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "dropout", "softmax_cross_entropy",
+           "sgd_update", "adam_update", "DeviceValues", "capturing", "tf32_enabled", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("gpu_kernels.cu")
 THREADS = 256            # threads per block
@@ -140,27 +140,69 @@ def maxpool_backward(dout, arg, x_shape, k, stride):
     return dx
 
 
-# --- BatchNorm ---------------------------------------------------------------------------------
-def batchnorm_forward(x, mean, inv_std, gamma, beta):
-    """(xhat, out) with xhat = (x - mean) * inv_std and out = gamma * xhat + beta, per channel."""
+# --- BatchNorm (and the ReLU after it, fused) --------------------------------------------------
+SLICES = 256             # partial sums per channel in the statistics and gradient sums
+
+
+def _slices(x):
+    return max(1, min(SLICES, x.shape[0] * x.shape[2] * x.shape[3]))
+
+
+def batchnorm_statistics(x, running_mean, running_var, num_batches, momentum, eps):
+    """(mean, inv_std) of each channel of x (N, C, H, W) over N*H*W values, in two launches (float64
+    shifted sums in slices, then one thread per channel), updating ``running_mean`` and
+    ``running_var`` in place with the unbiased variance (PyTorch's rule; ``momentum`` None: the
+    cumulative average over ``num_batches``, already counting this batch)."""
+    cp = gpu_module()
+    x = _contiguous(x)
+    n, c, h, w = x.shape
+    slices = _slices(x)
+    partial = cp.empty((2, c, slices), dtype=np.float64)
+    _launch("channel_moments", x.dtype, c * slices, x, partial, *map(_i, (n, c, h * w, slices)))
+    mean, inv_std = cp.empty(c, dtype=x.dtype), cp.empty(c, dtype=x.dtype)
+    _launch("batchnorm_statistics", x.dtype, c, partial, x, running_mean, running_var, num_batches, mean, inv_std,
+            *map(_i, (n, c, h * w, slices)), np.float64(-1.0 if momentum is None else momentum), np.float64(eps))
+    return mean, inv_std
+
+
+def batchnorm_forward(x, mean, inv_std, gamma, beta, relu=False):
+    """(xhat, out) with xhat = (x - mean) * inv_std and out = gamma * xhat + beta per channel, or
+    max(out, 0) with ``relu``."""
     cp = gpu_module()
     x = _contiguous(x)
     xhat, out = cp.empty_like(x), cp.empty_like(x)
     dt = x.dtype
     _launch("batchnorm_forward", dt, x.size, x, *(_contiguous(v, dt) for v in (mean, inv_std, gamma, beta)),
-            xhat, out, np.int64(x.size), _i(x.shape[1]), _i(x.shape[2] * x.shape[3]))
+            xhat, out, np.int64(x.size), _i(x.shape[1]), _i(x.shape[2] * x.shape[3]), _i(relu))
     return xhat, out
 
 
-def batchnorm_backward(g, xhat, scale, sum_g, sum_g_xhat, training):
-    """dL/dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M) in training, scale * g in eval."""
+def batchnorm_grad_sums(g, xhat, y=None):
+    """(sum(g), sum(g * xhat)) per channel, float64; with ``y`` (a fused ReLU's output) g is taken
+    as 0 where y <= 0."""
+    cp = gpu_module()
+    g = _contiguous(g)
+    n, c, h, w = g.shape
+    slices = _slices(g)
+    partial = cp.empty((2, c, slices), dtype=np.float64)
+    _launch("channel_grad_sums", g.dtype, c * slices, g, xhat, xhat if y is None else y, partial,
+            *map(_i, (n, c, h * w, slices, y is not None)))
+    sums = partial.sum(axis=2)
+    return sums[0], sums[1]
+
+
+def batchnorm_backward(g, xhat, gamma, inv_std, sum_g, sum_g_xhat, training, y=None):
+    """dL/dx = gamma * inv_std * (g - (sum_g + xhat * sum_g_xhat) / M) in training, gamma * inv_std * g
+    in eval; with ``y`` (a fused ReLU's output) g is first masked where y <= 0."""
     cp = gpu_module()
     g = _contiguous(g)
     dx = cp.empty_like(g)
     dt = g.dtype
     m = g.shape[0] * g.shape[2] * g.shape[3]
-    _launch("batchnorm_backward", dt, g.size, g, xhat, *(_contiguous(v, dt) for v in (scale, sum_g, sum_g_xhat)),
-            dx, np.int64(g.size), _i(g.shape[1]), _i(g.shape[2] * g.shape[3]), dt.type(1.0 / m), _i(training))
+    _launch("batchnorm_backward", dt, g.size, g, xhat, xhat if y is None else y, _contiguous(gamma, dt),
+            _contiguous(inv_std, dt), _contiguous(sum_g, np.float64), _contiguous(sum_g_xhat, np.float64), dx,
+            np.int64(g.size), _i(g.shape[1]), _i(g.shape[2] * g.shape[3]), np.float64(1.0 / m), _i(training),
+            _i(y is not None))
     return dx
 
 

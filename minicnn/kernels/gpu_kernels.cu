@@ -104,28 +104,96 @@ extern "C" __global__ void maxpool_backward(const real* dout, const unsigned cha
     }
 }
 
-// BatchNorm forward, given the per-channel statistics: xhat = (x - mean) * inv_std (kept for the
-// backward pass) and out = gamma * xhat + beta, in one pass. hw = H*W; channel = (i / hw) % c.
-extern "C" __global__ void batchnorm_forward(const real* x, const real* mean, const real* inv_std,
-                                             const real* gamma, const real* beta, real* xhat, real* out,
-                                             long long total, int c, int hw) {
-    GRID_STRIDE_LOOP(i, total) {
-        int ch = (int)((i / hw) % c);
-        real xh = (x[i] - mean[ch]) * inv_std[ch];
-        xhat[i] = xh;
-        out[i] = gamma[ch] * xh + beta[ch];
+// BatchNorm statistics, step 1: per-channel partial sums of x - shift and (x - shift)^2 in float64,
+// where shift = the channel's first value (so the one-pass variance keeps its precision). Thread
+// (channel ch, slice sl) sums values sl, sl + slices, ... of the channel's M = N*H*W: neighbouring
+// threads read neighbouring addresses. partial is (2, C, slices); step 2 adds up the slices.
+extern "C" __global__ void channel_moments(const real* x, double* partial, int n, int c, int hw, int slices) {
+    const idx m_total = (idx)n * hw, chw = (idx)c * hw;
+    GRID_STRIDE_LOOP(t, (idx)c * slices) {
+        int ch = (int)(t / slices), sl = (int)(t % slices);
+        const double shift = x[(idx)ch * hw];
+        double s1 = 0, s2 = 0;
+        for (idx m = sl; m < m_total; m += slices) {
+            double d = (double)x[(m / hw) * chw + (idx)ch * hw + m % hw] - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+        partial[t] = s1;
+        partial[(idx)c * slices + t] = s2;
     }
 }
 
-// BatchNorm backward, given sum(g) and sum(g * xhat) per channel and scale = gamma * inv_std:
-// training: dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M);  eval: dx = scale * g.
-extern "C" __global__ void batchnorm_backward(const real* g, const real* xhat, const real* scale,
-                                              const real* sum_g, const real* sum_g_xhat, real* dx,
-                                              long long total, int c, int hw, real inv_m, int training) {
+// BatchNorm statistics, step 2, one thread per channel: the batch mean and 1 / sqrt(var + eps),
+// and the running statistics updated in place, PyTorch's rule with the unbiased variance:
+// running = (1 - f) * running + f * batch, f = momentum, or 1 / num_batches_tracked when momentum < 0
+// (the cumulative average; the caller has already counted this batch).
+extern "C" __global__ void batchnorm_statistics(const double* partial, const real* x, real* running_mean,
+                                                real* running_var, const long long* num_batches, real* mean,
+                                                real* inv_std, int n, int c, int hw, int slices, double momentum,
+                                                double eps) {
+    GRID_STRIDE_LOOP(ch, c) {
+        double s1 = 0, s2 = 0;
+        for (int sl = 0; sl < slices; ++sl) {
+            s1 += partial[(idx)ch * slices + sl];
+            s2 += partial[((idx)c + ch) * slices + sl];
+        }
+        const double m = (double)n * hw, shift = x[(idx)ch * hw];
+        const double mu = shift + s1 / m, var = max(s2 / m - (s1 / m) * (s1 / m), 0.0);
+        mean[ch] = (real)mu;
+        inv_std[ch] = (real)(1.0 / sqrt(var + eps));
+        const double f = momentum >= 0 ? momentum : 1.0 / (double)num_batches[0];
+        running_mean[ch] = (real)((1 - f) * running_mean[ch] + f * mu);
+        running_var[ch] = (real)((1 - f) * running_var[ch] + f * var * (m / (m - 1)));
+    }
+}
+
+// BatchNorm forward, given the per-channel statistics: xhat = (x - mean) * inv_std (kept for the
+// backward pass) and out = gamma * xhat + beta, in one pass; with relu, out = max(that, 0) (the
+// ReLU that follows, fused). hw = H*W; channel = (i / hw) % c.
+extern "C" __global__ void batchnorm_forward(const real* x, const real* mean, const real* inv_std,
+                                             const real* gamma, const real* beta, real* xhat, real* out,
+                                             long long total, int c, int hw, int relu) {
     GRID_STRIDE_LOOP(i, total) {
         int ch = (int)((i / hw) % c);
-        dx[i] = training ? scale[ch] * (g[i] - (sum_g[ch] + xhat[i] * sum_g_xhat[ch]) * inv_m)
-                         : scale[ch] * g[i];
+        real xh = (x[i] - mean[ch]) * inv_std[ch];
+        real y = gamma[ch] * xh + beta[ch];
+        xhat[i] = xh;
+        out[i] = relu && y < 0 ? (real)0 : y;            // (as x * (x > 0): NaN stays NaN)
+    }
+}
+
+// BatchNorm backward, step 1: per-channel partial sums of g and g * xhat, as channel_moments does;
+// with relu, g is first masked by the fused ReLU's output y (g = 0 where y <= 0).
+extern "C" __global__ void channel_grad_sums(const real* g, const real* xhat, const real* y, double* partial, int n,
+                                             int c, int hw, int slices, int relu) {
+    const idx m_total = (idx)n * hw, chw = (idx)c * hw;
+    GRID_STRIDE_LOOP(t, (idx)c * slices) {
+        int ch = (int)(t / slices), sl = (int)(t % slices);
+        double s1 = 0, s2 = 0;
+        for (idx m = sl; m < m_total; m += slices) {
+            idx e = (m / hw) * chw + (idx)ch * hw + m % hw;
+            double gi = relu && !(y[e] > 0) ? 0.0 : (double)g[e];
+            s1 += gi;
+            s2 += gi * xhat[e];
+        }
+        partial[t] = s1;
+        partial[(idx)c * slices + t] = s2;
+    }
+}
+
+// BatchNorm backward, step 2, with scale = gamma * inv_std and the two sums:
+// training: dx = scale * (g - (sum_g + xhat * sum_g_xhat) / M);  eval: dx = scale * g
+// (g masked by the fused ReLU's output first, with relu).
+extern "C" __global__ void batchnorm_backward(const real* g, const real* xhat, const real* y, const real* gamma,
+                                              const real* inv_std, const double* sum_g, const double* sum_g_xhat,
+                                              real* dx, long long total, int c, int hw, double inv_m, int training,
+                                              int relu) {
+    GRID_STRIDE_LOOP(i, total) {
+        int ch = (int)((i / hw) % c);
+        real gi = relu && !(y[i] > 0) ? (real)0 : g[i];
+        real scale = gamma[ch] * inv_std[ch];
+        dx[i] = training ? scale * (gi - (real)((sum_g[ch] + xhat[i] * sum_g_xhat[ch]) * inv_m)) : scale * gi;
     }
 }
 

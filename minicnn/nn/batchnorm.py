@@ -17,6 +17,11 @@ statistics, constants, so dL/dx = g * gamma / sqrt(running_var + eps).
 Running statistics follow PyTorch: running = (1 - momentum) * running +
 momentum * batch, with the *unbiased* batch variance (divided by M - 1).
 
+On the GPU (minicnn's CUDA kernels) the statistics take two launches (float64
+partial sums per channel, then one thread per channel that also updates the
+running statistics), the normalisation one (with the following ReLU fused in,
+when a Sequential has one), and backward the same again.
+
 The fast CPU path computes the same thing on channels-last memory in two
 numba passes each way: forward (one-pass shifted float64 moments, then
 out = x * scale + shift) and backward (the two sums, then dL/dx as one
@@ -62,6 +67,8 @@ class BatchNorm2d(Module):
         m = self._check_batch(x)
         if fast_path(x):
             return self._forward_fast(x)
+        if gpu_path(x):
+            return self._forward_gpu(x)
         xp = get_array_module(x)
         c = self.num_features
         if self.training:
@@ -71,11 +78,8 @@ class BatchNorm2d(Module):
         else:
             mu, var = self.running_mean, self.running_var
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        if gpu_path(x):            # the two lines below in one CUDA launch
-            xhat, out = gpu_kernels().batchnorm_forward(x, mu, inv_std, self.weight.data, self.bias.data)
-        else:
-            xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
-            out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
+        xhat = (x - mu.reshape(1, c, 1, 1)) * inv_std.reshape(1, c, 1, 1)
+        out = xhat * self.weight.data.reshape(1, c, 1, 1) + self.bias.data.reshape(1, c, 1, 1)
         self._cache = ("plain", xhat, inv_std, self.training)
         return out
 
@@ -93,6 +97,8 @@ class BatchNorm2d(Module):
         cache = self._saved()
         if cache[0] == "fast":
             return self._backward_fast(dout)
+        if cache[0] == "gpu":
+            return self._backward_gpu(dout)
         _, xhat, inv_std, training = cache
         self._check_dout(dout, xhat.shape)
         c = self.num_features
@@ -101,9 +107,6 @@ class BatchNorm2d(Module):
         sum_g_xhat = (dout * xhat).sum(axis=axes)
         self.bias.accumulate_grad(sum_g)
         self.weight.accumulate_grad(sum_g_xhat)
-        if gpu_path(dout):         # the lines below in one CUDA launch
-            return gpu_kernels().batchnorm_backward(dout, xhat, self.weight.data * inv_std, sum_g, sum_g_xhat,
-                                                    training)
         scale = (self.weight.data * inv_std).reshape(1, c, 1, 1)
         if not training:
             return dout * scale
@@ -194,3 +197,27 @@ class BatchNorm2d(Module):
                                                  x2.dtype)
         dx = cpu.affine_channels_2(g2, x2, a, b, c0, workspace.empty_like(x2))
         return cpu.from_nhwc(dx.reshape(nhwc_shape))
+
+    # --- the GPU kernels (minicnn/kernels/gpu_kernels.cu) ---------------------------------------
+    def _forward_gpu(self, x, relu=False):
+        """``relu``: also apply the ReLU that follows (see minicnn/nn/fused.py's BatchNormReLU)."""
+        gpu = gpu_kernels()
+        if self.training:
+            nbt = self._buffers["num_batches_tracked"]
+            nbt += 1                                   # (in place, on the device: no read back)
+            mean, inv_std = gpu.batchnorm_statistics(x, self.running_mean, self.running_var, nbt, self.momentum,
+                                                     self.eps)
+        else:
+            mean, inv_std = self.running_mean, 1.0 / get_array_module(x).sqrt(self.running_var + self.eps)
+        xhat, out = gpu.batchnorm_forward(x, mean, inv_std, self.weight.data, self.bias.data, relu)
+        self._cache = ("gpu", xhat, inv_std, self.training, out if relu else None)
+        return out
+
+    def _backward_gpu(self, dout):
+        _, xhat, inv_std, training, relu_out = self._cache
+        self._check_dout(dout, xhat.shape)
+        gpu = gpu_kernels()
+        sum_g, sum_g_xhat = gpu.batchnorm_grad_sums(dout, xhat, relu_out)
+        self.bias.accumulate_grad(sum_g.astype(dout.dtype))
+        self.weight.accumulate_grad(sum_g_xhat.astype(dout.dtype))
+        return gpu.batchnorm_backward(dout, xhat, self.weight.data, inv_std, sum_g, sum_g_xhat, training, relu_out)

@@ -1,4 +1,5 @@
-"""[Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path.
+"""[Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path, and
+BatchNorm2d -> ReLU as one step on the GPU.
 
 Not layers of their own: :class:`~minicnn.nn.Sequential` substitutes these steps
 for the layers when they follow each other, the pooling windows do not overlap
@@ -21,7 +22,8 @@ import numpy as np
 from ..kernels import cpu_kernels, threads, workspace
 from .module import is_grad_enabled
 
-__all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "fusable", "fusable_with_conv"]
+__all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "BatchNormReLU", "fusable", "fusable_with_conv",
+           "fusable_bn_relu"]
 
 
 def fusable(layers):
@@ -38,6 +40,37 @@ def fusable_with_conv(layers):
     """True for [Conv2d, BatchNorm2d, ReLU, MaxPool2d with stride == kernel]."""
     from .conv import Conv2d
     return len(layers) == 4 and type(layers[0]) is Conv2d and fusable(layers[1:])
+
+
+def fusable_bn_relu(layers):
+    """True for [BatchNorm2d, ReLU] (fused on the GPU kernels)."""
+    from .activation import ReLU
+    from .batchnorm import BatchNorm2d
+    return len(layers) == 2 and type(layers[0]) is BatchNorm2d and type(layers[1]) is ReLU
+
+
+class BatchNormReLU:
+    """BatchNorm2d -> ReLU as one step on the GPU (minicnn's CUDA kernels): the ReLU is applied in
+    the BatchNorm's output pass, and its mask (output > 0) inside the BatchNorm's backward passes,
+    so the ReLU's own passes over the activation (three launches, two each way) disappear."""
+
+    def __init__(self, bn, relu):
+        self.bn, self.relu = bn, relu
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        self.bn._check_batch(x)
+        return self.bn._forward_gpu(x, relu=True)
+
+    def backward(self, dout):
+        if self.bn._cache is None:
+            raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+        return self.bn._backward_gpu(dout)
+
+    def backward_params(self, dout):
+        self.backward(dout)
 
 
 def _pooled_size(h, w, k):

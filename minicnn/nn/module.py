@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..backend import device_of, float_dtype, to_device, to_numpy
-from ..kernels import fast_path
+from ..kernels import fast_path, gpu_path
 
 __all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init", "no_grad", "is_grad_enabled"]
 
@@ -383,22 +383,26 @@ class Sequential(Module):
 
     def _plan(self, x):
         """The layers to run: these layers, except that on the fast CPU path each
-        [Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step
-        (minicnn/nn/fused.py)."""
+        [Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step, and on the GPU
+        kernels each BatchNorm2d -> ReLU (minicnn/nn/fused.py)."""
         layers = list(self._modules.values())
-        if not fast_path(x):
-            return layers
         from . import fused as f            # (imported here: fused.py imports this file's layers)
+        if fast_path(x):
+            rules = ((4, f.fusable_with_conv, f.ConvBatchNormReLUPool), (3, f.fusable, f.BatchNormReLUPool))
+        elif gpu_path(x):
+            rules = ((2, f.fusable_bn_relu, f.BatchNormReLU),)
+        else:
+            return layers
         steps = self.__dict__.setdefault("_fused", {})
         plan, i = [], 0
         while i < len(layers):
-            for size, test, make in ((4, f.fusable_with_conv, f.ConvBatchNormReLUPool),
-                                     (3, f.fusable, f.BatchNormReLUPool)):
+            for size, test, make in rules:
                 run = layers[i:i + size]
                 if test(run):
-                    if i not in steps or steps[i][0] != run:     # made once, for these very layers
-                        steps[i] = (run, make(*run))
-                    plan.append(steps[i][1])
+                    key = (i, make)
+                    if key not in steps or steps[key][0] != run:     # made once, for these very layers
+                        steps[key] = (run, make(*run))
+                    plan.append(steps[key][1])
                     i += size
                     break
             else:

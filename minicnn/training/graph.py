@@ -12,7 +12,8 @@ from step to step must reach the kernels through device memory, and the step is 
 * SGD's learning rate and dropout's seeds are kept in small device arrays that the kernels read
   (:class:`minicnn.kernels.gpu.DeviceValues`); they are updated before each replay, by the
   ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
-* BatchNorm updates its running statistics in place, and gradient clipping reads nothing back;
+* BatchNorm updates its running statistics in place on the device (its batch count too), and
+  gradient clipping reads nothing back;
 * nothing reads from the GPU during the capture (the loss and the count of right answers stay on
   the device), and arrays made during the capture take their memory from a pool of the graph's
   own, so that nothing made later is handed memory a replay writes to.
@@ -29,7 +30,6 @@ import numpy as np
 
 from ..backend import device_of, gpu_module, to_device
 from ..kernels import fast_kernels_enabled, gpu_kernels
-from ..nn import BatchNorm2d
 from ..optim import SGD
 from .trainer import clip_grad_norm as _clip
 
@@ -47,10 +47,6 @@ class CudaGraphStep:
             raise ValueError(f"a CUDA graph step supports SGD with momentum (its kernel reads the learning rate "
                              f"from device memory), not {type(optimizer).__name__}"
                              f"{'' if type(optimizer) is not SGD else ' without momentum'}")
-        for name, m in model.named_modules():
-            if isinstance(m, BatchNorm2d) and m.momentum is None:
-                raise ValueError(f"a CUDA graph step cannot run BatchNorm2d {name!r} with momentum=None "
-                                 "(its cumulative average reads the batch count on the host)")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.clip_grad_norm, self.warmup = float(clip_grad_norm), int(warmup)
         self.replays = self.eager_steps = 0
