@@ -31,7 +31,7 @@ import numpy as np
 from ..backend import device_of, gpu_module, to_device
 from ..kernels import fast_kernels_enabled, gpu_kernels
 from ..optim import SGD
-from .trainer import clip_grad_norm as _clip
+from .trainer import train_step
 
 __all__ = ["CudaGraphStep"]
 
@@ -54,16 +54,7 @@ class CudaGraphStep:
 
     def eager(self, x, y):
         """One ordinary training step on device arrays: exactly what the graph records."""
-        model, crit, opt = self.model, self.criterion, self.optimizer
-        logits = model(x)
-        loss = crit.forward(logits, y)
-        correct = (logits.argmax(axis=1) == y).sum()
-        model.backward(crit.backward(), input_grad=False)
-        if self.clip_grad_norm:
-            _clip(model.parameters(), self.clip_grad_norm)
-        opt.step()
-        opt.zero_grad()
-        return loss, correct
+        return train_step(self.model, self.criterion, self.optimizer, x, y, self.clip_grad_norm)
 
     def __call__(self, x, y):
         """Train on the batch (x: device images; y: integer labels, host or device); returns the

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__, rng as _rng
-from ..backend import get_array_module, normalize_device, to_device, to_numpy
+from ..backend import device_of, get_array_module, normalize_device, to_device, to_numpy
 from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
 from ..nn import CrossEntropyLoss, no_grad
@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .metrics import classification_report
 from .schedules import make_schedule
 
-__all__ = ["Recipe", "Trainer", "TrainingDiverged", "predict_proba", "load_model", "clip_grad_norm"]
+__all__ = ["Recipe", "Trainer", "TrainingDiverged", "predict_proba", "load_model", "clip_grad_norm", "train_step"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +90,21 @@ def clip_grad_norm(params, max_norm):
         for g in grads:
             g *= coef
     return total
+
+
+def train_step(model, criterion, optimizer, x, y, clip=0.0):
+    """One training step: forward, loss, backward, gradient clipping (``clip`` > 0), update.
+    Returns the batch's loss and number of right answers as 0-d arrays on x's device (on a GPU,
+    nothing is read back)."""
+    logits = model(x)
+    loss = criterion.forward(logits, y)
+    correct = (logits.argmax(axis=1) == to_device(y, device_of(logits))).sum()
+    model.backward(criterion.backward(), input_grad=False)
+    if clip:
+        clip_grad_norm(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss, correct
 
 
 def _softmax(z):
@@ -246,7 +261,7 @@ class Trainer:
                        unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
         p = self._partial
         pending = []          # (batch, lr, loss, number correct, batch size): still on the device
-        graph_step = self._graph_step()
+        step = self._graph_step() or (lambda x, y: train_step(model, crit, opt, x, y, r.clip_grad_norm))
 
         def read_pending():
             for batch, lr, loss, correct, n in pending:
@@ -269,23 +284,10 @@ class Trainer:
         try:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
-                if graph_step is not None:            # the same step, replayed as a CUDA graph
-                    loss, correct = graph_step(x, y)
-                    pending.append((self.batch, opt.lr, loss, correct, len(y)))
-                    if len(pending) >= read_every:
-                        read_pending()
-                else:
-                    logits = model(x)
-                    loss = crit.forward(logits, y)
-                    correct = (logits.argmax(axis=1) == to_device(y, self.device)).sum()
-                    pending.append((self.batch, opt.lr, loss, correct, len(y)))
-                    if len(pending) >= read_every:
-                        read_pending()
-                    model.backward(crit.backward(), input_grad=False)
-                    if r.clip_grad_norm:
-                        clip_grad_norm(model.parameters(), r.clip_grad_norm)
-                    opt.step()
-                    opt.zero_grad()
+                loss, correct = step(x, y)            # eager, or replayed as a CUDA graph
+                pending.append((self.batch, opt.lr, loss, correct, len(y)))
+                if len(pending) >= read_every:
+                    read_pending()
                 self.batch += 1
                 now = time.perf_counter()
                 p["seconds"] += now - t_last
