@@ -553,7 +553,11 @@ class RawModule:
     _cache_dir = os.path.join(tempfile.gettempdir(), f"minicnn-cupy-emulator-{os.getuid()}")
 
     def __init__(self, code=None, options=(), name_expressions=None, backend="nvrtc"):
-        macros = dict(o[2:].split("=", 1) for o in options if o.startswith("-D") and "=" in o)
+        macros = {}
+        for option in options:
+            if option.startswith("-D"):                  # -DNAME=VALUE, or -DNAME (= 1)
+                name, _, value = option[2:].partition("=")
+                macros[name] = value or "1"
         self._kernels = _parse_kernels(code, macros)
         source = (_SHIM + "".join(f"#define {k} {v}\n" for k, v in macros.items()) + code
                   + "".join(_launcher(n, p) for n, p in self._kernels.items()))

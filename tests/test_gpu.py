@@ -20,13 +20,13 @@ conv_shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 9),
     lambda t: t[2] + 2 * t[6] >= t[4] and t[3] + 2 * t[6] >= t[4])
 
 
-@pytest.mark.parametrize("index", ["int", "long long"])
+@pytest.mark.parametrize("index", [[], ["-DWIDE_INDEX"]], ids=["int", "long-long"])
 @pytest.mark.parametrize("dtype", ["float", "double"])
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA compiler) is not installed")
 def test_kernels_compile_for_the_gpu_without_warnings(dtype, index, tmp_path):
     """The source CuPy compiles on a GPU, compiled here by nvcc for an H100/H200 (sm_90)."""
     from minicnn.kernels.gpu import SOURCE
-    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", f"-Dreal={dtype}", f"-Didx={index}", "-x", "cu",
+    result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", f"-Dreal={dtype}", *index, "-x", "cu",
                              "-Werror", "all-warnings", str(SOURCE), "-o", str(tmp_path / "k.cubin")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -38,8 +38,8 @@ def _kernel(name, dtype, wide):
     key = (id(cp), dtype, wide)
     if key not in _modules:
         real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
-        index = "long long" if wide else "int"
-        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=(f"-Dreal={real}", f"-Didx={index}"))
+        options = (f"-Dreal={real}",) + (("-DWIDE_INDEX",) if wide else ())
+        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=options)
     return _modules[key].get_function(name)
 
 

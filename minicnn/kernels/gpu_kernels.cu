@@ -7,9 +7,9 @@
 // no races, and the result does not depend on the launch shape. (tests/cupy_emulator.py relies on
 // that to run these kernels on a CPU, one thread after the other.)
 //
-// Index arithmetic is done in `idx` (-Didx=int when every array and the grid fit in 31 bits, as
-// they do up to large batches; -Didx="long long" beyond): 64-bit division costs a GPU dozens of
-// instructions, and im2col does several per element.
+// Index arithmetic is done in `idx`: int when every array and the grid fit in 31 bits, as they do
+// up to large batches, long long beyond (compiled with -DWIDE_INDEX): 64-bit division costs a GPU
+// dozens of instructions, and im2col does several per element.
 //
 // Layouts are the plain path's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
 // columns (c, i, j), as in minicnn/kernels/im2col.py.
@@ -18,6 +18,12 @@
 // memory, not passed as arguments: a training step captured as a CUDA graph (minicnn/training/
 // graph.py) replays its launches with the arguments they had at capture, and sees new values only
 // through memory.
+
+#ifdef WIDE_INDEX
+typedef long long idx;
+#else
+typedef int idx;
+#endif
 
 #define GRID_STRIDE_LOOP(i, total)                                                             \
     for (idx i = (idx)blockIdx.x * blockDim.x + threadIdx.x; i < (idx)(total);                   \
