@@ -103,7 +103,7 @@ class ndarray:
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray(self._a.T))
-    base = property(lambda self: None if self._a.base is None else self._a.base)
+    base = property(lambda self: None if self._a.base is None else ndarray(self._a.base))
 
     def get(self, stream=None, out=None):
         _no_transfer("a copy to the host")
