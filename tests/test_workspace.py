@@ -70,6 +70,14 @@ def test_limit_forgets_least_recently_used_buffers():
     assert workspace.stats()["buffers"] == 0
 
 
+def test_default_limit_is_a_quarter_of_memory_but_at_least_a_gibibyte():
+    import os
+    limit = workspace.default_limit()
+    assert limit >= 1 << 30
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert limit == max(1 << 30, physical // 4)
+
+
 def test_limit_forgets_a_buffer_that_is_not_first_of_its_size():
     """The least recently used buffer can sit anywhere in its size's list (found at batch 1024)."""
     workspace.set_limit(2 * 4 * 256 * 1024)

@@ -12,7 +12,9 @@ to it any more -- no array, no view of it (the reference count tells) -- so
 reuse can never change an array someone still holds: it behaves exactly like
 ``np.empty``, minus the page faults. Small arrays (under ``MIN_BYTES``) come
 from ``np.empty`` as usual. The pool forgets its least recently used buffers
-beyond ``limit()`` bytes (default 1 GiB; ``MINICNN_WORKSPACE_MB``).
+beyond ``limit()`` bytes (default: a quarter of the machine's memory, at least 1 GiB;
+``MINICNN_WORKSPACE_MB``). A training step must fit: at batch 1024 the EmotionClassifier's
+fast path pools 1.5 GB, and under a 1 GiB cap that step ran 1.5x slower (fresh memory every step).
 
     from minicnn.kernels import workspace
     out = workspace.empty((64, 24, 24, 32), np.float32)
@@ -24,14 +26,24 @@ import threading
 
 import numpy as np
 
-__all__ = ["empty", "empty_like", "clear", "limit", "set_limit", "stats"]
+__all__ = ["empty", "empty_like", "clear", "limit", "set_limit", "default_limit", "stats"]
 
 MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
 _pool = {}          # nbytes -> list of [buffer, last_use]
 _clock = 0
-_limit = int(float(os.environ.get("MINICNN_WORKSPACE_MB", "1024")) * (1 << 20))
+def default_limit():
+    """A quarter of the machine's physical memory, but at least 1 GiB (1 GiB where it is unknown)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        physical = 0
+    return max(1 << 30, physical // 4)
+
+
+_limit = (int(float(os.environ["MINICNN_WORKSPACE_MB"]) * (1 << 20)) if os.environ.get("MINICNN_WORKSPACE_MB")
+          else default_limit())
 
 
 def _refs_when_free():
