@@ -111,8 +111,12 @@ class ndarray:
 
     def set(self, arr, stream=None):
         _no_transfer("a copy from the host")
-        if isinstance(arr, ndarray) or _np.shape(arr) != self.shape:
-            raise ValueError(f"set() takes a host array of shape {self.shape}")
+        if not isinstance(arr, _np.ndarray):                     # (CuPy's checks, word for word)
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
         self._a[...] = arr
 
     def __array__(self, *args, **kwargs):
