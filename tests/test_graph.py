@@ -27,6 +27,15 @@ def _batches(n_steps, batch=6, seed=1):
             for _ in range(n_steps)]
 
 
+def assert_same(got, want, what=""):
+    """Bit for bit on the emulator. On a GPU, to float32 rounding: cuBLAS promises the same bits only
+    for the same stream and workspace, and a graph is captured on a stream of its own."""
+    if minicnn.backend.gpu_module() is cupy_emulator:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
 def _state(model):
     return {k: v for k, v in model.state_dict().items()}
 
@@ -44,14 +53,14 @@ def _train(batches, graph, reload_at=None):
     return _state(model), losses, step
 
 
-def test_replayed_steps_equal_eager_steps_bit_for_bit(gpu):
+def test_replayed_steps_equal_eager_steps(gpu):
     batches = _batches(7)
     want_state, want_losses, _ = _train(batches, graph=False)
     got_state, got_losses, step = _train(batches, graph=True)
     assert step.replays == 5 and step.eager_steps == 2
-    assert got_losses == want_losses
+    assert_same(got_losses, want_losses, "losses")
     for k, v in want_state.items():                 # weights, running statistics, batch counts
-        np.testing.assert_array_equal(got_state[k], v, err_msg=k)
+        assert_same(got_state[k], v, k)
 
 
 def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu):
@@ -60,9 +69,9 @@ def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu):
     want_state, want_losses, _ = _train(batches, graph=False, reload_at=4)
     got_state, got_losses, step = _train(batches, graph=True, reload_at=4)
     assert step.eager_steps == 3 and step.replays == 3
-    assert got_losses == want_losses
+    assert_same(got_losses, want_losses, "losses")
     for k, v in want_state.items():
-        np.testing.assert_array_equal(got_state[k], v, err_msg=k)
+        assert_same(got_state[k], v, k)
 
 
 def test_graph_step_refuses_what_it_cannot_replay(gpu):
@@ -129,10 +138,12 @@ def test_trainer_with_cuda_graphs_equals_eager_training_and_resumes_exactly(gpu,
     graphed = Trainer(tiny_data(), tiny_recipe(), out_dir=str(tmp_path / "graph"), cuda_graph=True, **quiet)
     graphed.fit()
     assert graphed._cuda_graph_step.replays == 12 - 2           # 2 epochs of 6 steps, 2 warm-up steps
-    assert graphed.history == [dict(h, seconds=g["seconds"], images_per_s=g["images_per_s"])
-                               for h, g in zip(eager.history, graphed.history)]
+    assert len(graphed.history) == len(eager.history) == 2
+    for h, g in zip(eager.history, graphed.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert_same(g[key], h[key], key)
     for k, v in weights(eager).items():
-        np.testing.assert_array_equal(weights(graphed)[k], v, err_msg=k)
+        assert_same(weights(graphed)[k], v, k)
 
     out = str(tmp_path / "stopped")
     first = Trainer(tiny_data(), tiny_recipe(), out_dir=out, cuda_graph=True, **quiet)
@@ -142,7 +153,7 @@ def test_trainer_with_cuda_graphs_equals_eager_training_and_resumes_exactly(gpu,
     resumed = Trainer(tiny_data(), tiny_recipe(), out_dir=out, cuda_graph=True, **quiet)
     resumed.fit(resume=True)
     for k, v in weights(eager).items():
-        np.testing.assert_array_equal(weights(resumed)[k], v, err_msg=k)
+        assert_same(weights(resumed)[k], v, k)
 
 
 def test_trainer_refuses_cuda_graphs_on_the_cpu():

@@ -21,7 +21,9 @@ from step to step must reach the kernels through device memory, and the step is 
 The first ``warmup`` steps run eagerly (they compile the kernels and create the momentum buffers);
 a batch of another shape runs eagerly too; if the model's or the optimizer's arrays are replaced
 (``load_state_dict``, resuming) the step is captured again. Replays compute what eager steps
-compute, in the same order: ``tests/test_graph.py`` checks the weights bit for bit.
+compute, in the same order: ``tests/test_graph.py`` checks the weights (bit for bit on the CuPy
+emulator; to float32 rounding on a GPU, where cuBLAS may pick other algorithms on the graph's
+stream).
 
     step = CudaGraphStep(model, criterion, optimizer, clip_grad_norm=5.0)
     loss, correct = step(x, y)     # device 0-d arrays: the batch's mean loss and number right
