@@ -161,3 +161,34 @@ def test_trainer_refuses_cuda_graphs_on_the_cpu():
     from minicnn.training import Trainer
     with pytest.raises(ValueError, match="needs device='gpu'"):
         Trainer(tiny_data(), cuda_graph=True)
+
+
+@pytest.mark.parametrize("mutation", ["frozen learning rate", "frozen dropout seed", "running statistics replaced"])
+def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatch):
+    """The replay-equals-eager test can fail: break one of the step's graph-safety measures and the
+    emulated replays drift from eager steps."""
+    import minicnn.backend as backend
+    from minicnn.nn import BatchNorm2d, Dropout
+    monkeypatch.setattr(backend, "_cupy", cupy_emulator)
+    if mutation == "frozen learning rate":         # copied to the device for the capture, never again
+        copy_to_device, calls = SGD._before_graph_replay, []
+
+        def only_once(self):
+            if not calls:
+                calls.append(1)
+                copy_to_device(self)
+        monkeypatch.setattr(SGD, "_before_graph_replay", only_once)
+    elif mutation == "frozen dropout seed":
+        monkeypatch.setattr(Dropout, "_before_graph_replay", lambda self: None)
+    else:                                          # a new array each step: the graph keeps updating the old one
+        update = BatchNorm2d._forward_gpu
+
+        def replace_running_stats(self, x, relu=False):
+            self.set_buffer("running_mean", self.running_mean.copy())
+            return update(self, x, relu)
+        monkeypatch.setattr(BatchNorm2d, "_forward_gpu", replace_running_stats)
+    batches = _batches(5)
+    want_state, want_losses, _ = _train(batches, graph=False)
+    got_state, got_losses, _ = _train(batches, graph=True)
+    differs = got_losses != want_losses or any(not np.array_equal(got_state[k], v) for k, v in want_state.items())
+    assert differs
