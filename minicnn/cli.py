@@ -197,7 +197,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="with --device gpu: replay each training step as a CUDA graph (SGD; same results, less overhead)")
+                   help="with --device gpu: replay each training step as a CUDA graph (same results, less overhead)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix")

@@ -240,7 +240,6 @@ def sgd_update(p, g, buf, hyper, nesterov, first):
             _i(nesterov), _i(first))
 
 
-def adam_update(p, g, m, v, beta1, beta2, eps, step_size, root_bc2, l2, decay):
-    t = p.dtype.type
-    _launch("adam_update", p.dtype, p.size, p, _contiguous(g, p.dtype), m, v, np.int64(p.size), t(beta1),
-            t(beta2), t(eps), t(step_size), t(root_bc2), t(l2), t(decay))
+def adam_update(p, g, m, v, hyper):
+    """``hyper``: device array [beta1, beta2, eps, step_size, root_bc2, l2, decay] of p's dtype."""
+    _launch("adam_update", p.dtype, p.size, p, _contiguous(g, p.dtype), m, v, np.int64(p.size), hyper)

@@ -264,12 +264,14 @@ extern "C" __global__ void sgd_update(real* p, const real* g, real* buf, long lo
     }
 }
 
-// One Adam/AdamW step for a flat parameter (minicnn/optim/adam.py); bias corrections come in as
-// step_size = lr / (1 - beta1^t) and root_bc2 = sqrt(1 - beta2^t); decay = lr * weight_decay
-// for AdamW (decoupled), 0 for Adam (whose weight_decay then goes into the gradient as l2).
-extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v, long long total, real beta1,
-                                       real beta2, real eps, real step_size, real root_bc2, real l2,
-                                       real decay) {
+// One Adam/AdamW step for a flat parameter (minicnn/optim/adam.py).
+// hyper = {beta1, beta2, eps, step_size, root_bc2, l2, decay}: the bias corrections come in as
+// step_size = lr / (1 - beta1^t) and root_bc2 = sqrt(1 - beta2^t); decay = lr * weight_decay for
+// AdamW (decoupled), 0 for Adam (whose weight_decay goes into the gradient as l2).
+extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v, long long total,
+                                       const real* hyper) {
+    const real beta1 = hyper[0], beta2 = hyper[1], eps = hyper[2], step_size = hyper[3], root_bc2 = hyper[4],
+               l2 = hyper[5], decay = hyper[6];
     GRID_STRIDE_LOOP(i, total) {
         real pi = p[i] * (1 - decay);
         real gi = g[i] + l2 * p[i];

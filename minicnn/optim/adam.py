@@ -59,16 +59,35 @@ class Adam(Optimizer):
         p.data -= step_size * (m / denom)
 
     def _update_gpu(self, p, state, xp):
-        """The same rule in one CUDA launch per parameter."""
+        """The same rule in one CUDA launch per parameter; the step's numbers go to device memory,
+        where the kernel reads them (so a CUDA graph of the step sees each new step)."""
         if "step" not in state:
             state["step"] = 0
             state["exp_avg"] = xp.zeros_like(p.data)
             state["exp_avg_sq"] = xp.zeros_like(p.data)
-        state["step"] += 1
-        t, wd = state["step"], self.weight_decay
-        gpu_kernels().adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], self.beta1, self.beta2,
-                                  self.eps, self.lr / (1.0 - self.beta1 ** t), math.sqrt(1.0 - self.beta2 ** t),
-                                  0.0 if self._decoupled else wd, self.lr * wd if self._decoupled else 0.0)
+        if not gpu_kernels().capturing():      # (a replay counts its step in _before_graph_replay)
+            state["step"] += 1
+        gpu_kernels().adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                  self._device_hyper(p.data.dtype, state["step"]))
+
+    def _device_hyper(self, dtype, t):
+        wd = self.weight_decay
+        values = (self.beta1, self.beta2, self.eps, self.lr / (1.0 - self.beta1 ** t),
+                  math.sqrt(1.0 - self.beta2 ** t), 0.0 if self._decoupled else wd,
+                  self.lr * wd if self._decoupled else 0.0)
+        on_device = self.__dict__.setdefault("_on_device", {})
+        if dtype not in on_device:
+            on_device[dtype] = gpu_kernels().DeviceValues(dtype)
+        if gpu_kernels().capturing():          # each replay writes them first: _before_graph_replay
+            return on_device[dtype].array
+        return on_device[dtype].set(values)
+
+    def _before_graph_replay(self):
+        """A graph replay does not call step(): count the step and copy its numbers to the device."""
+        for p, state in zip(self.params, self.state):
+            if "step" in state:
+                state["step"] += 1
+                self._device_hyper(p.data.dtype, state["step"])
 
 
 class AdamW(Adam):

@@ -72,6 +72,8 @@ class SGD(Optimizer):
         CUDA graph of the step sees a new learning rate); copied over only when one changed."""
         if dtype not in self._on_device:
             self._on_device[dtype] = gpu_kernels().DeviceValues(dtype)
+        if gpu_kernels().capturing():          # each replay writes them first: _before_graph_replay
+            return self._on_device[dtype].array
         return self._on_device[dtype].set((self.lr, self.momentum, self.dampening, self.weight_decay))
 
     def _before_graph_replay(self):

@@ -9,9 +9,9 @@ A replay repeats each launch with the arguments it had when captured, so everyth
 from step to step must reach the kernels through device memory, and the step is written for that:
 
 * the batch is copied into fixed input arrays before each replay;
-* SGD's learning rate and dropout's seeds are kept in small device arrays that the kernels read
-  (:class:`minicnn.kernels.gpu.DeviceValues`); they are updated before each replay, by the
-  ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
+* the optimizer's learning rate (and Adam's step count) and dropout's seeds are kept in small device
+  arrays that the kernels read (:class:`minicnn.kernels.gpu.DeviceValues`); they are updated before
+  each replay, by the ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
 * BatchNorm updates its running statistics in place on the device (its batch count too), and
   gradient clipping reads nothing back;
 * nothing reads from the GPU during the capture (the loss and the count of right answers stay on
@@ -32,7 +32,7 @@ import numpy as np
 
 from ..backend import device_of, gpu_module, to_device
 from ..kernels import fast_kernels_enabled, gpu_kernels
-from ..optim import SGD
+from ..optim import SGD, Adam, AdamW
 from .trainer import train_step
 
 __all__ = ["CudaGraphStep"]
@@ -45,9 +45,9 @@ class CudaGraphStep:
         if not fast_kernels_enabled():
             raise ValueError("a CUDA graph step needs minicnn's GPU kernels (use_fast_kernels(True)): the plain "
                              "path's dropout draws from a generator that a replay would repeat unchanged")
-        if type(optimizer) is not SGD or not optimizer.momentum:
-            raise ValueError(f"a CUDA graph step supports SGD with momentum (its kernel reads the learning rate "
-                             f"from device memory), not {type(optimizer).__name__}"
+        if not (type(optimizer) is SGD and optimizer.momentum or type(optimizer) in (Adam, AdamW)):
+            raise ValueError(f"a CUDA graph step supports SGD with momentum, Adam and AdamW (their kernels read the "
+                             f"learning rate from device memory), not {type(optimizer).__name__}"
                              f"{'' if type(optimizer) is not SGD else ' without momentum'}")
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.clip_grad_norm, self.warmup = float(clip_grad_norm), int(warmup)
@@ -112,7 +112,6 @@ class CudaGraphStep:
     def _capture(self, x, y):
         cp, gpu = gpu_module(), gpu_kernels()
         self._x, self._y = x.copy(), y.copy()
-        self.optimizer._before_graph_replay()        # device hyper-parameters exist and are current
         self._pool = cp.cuda.MemoryPool()            # the graph's own memory
         stream = cp.cuda.Stream(non_blocking=True)
         gpu._capturing = True

@@ -156,7 +156,8 @@ class Trainer:
     def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
                  progress=True, log=None, cuda_graph=False):
         """``cuda_graph``: on the GPU, replay each training step as a CUDA graph (see
-        :mod:`minicnn.training.graph`; SGD only); the results are those of eager steps."""
+        :mod:`minicnn.training.graph`; SGD with momentum, Adam, AdamW); the results are those of
+        eager steps."""
         if cuda_graph and normalize_device(device) != "gpu":
             raise ValueError("cuda_graph=True needs device='gpu'")
         self.recipe = recipe or Recipe()
