@@ -8,8 +8,9 @@
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
 available: minicnn's plain path, its fast CPU path, on a GPU its plain path, its
-CUDA kernels and its CUDA-graph step, PyTorch CPU (NCHW and channels_last) and
-PyTorch CUDA (eager).
+CUDA kernels and its CUDA-graph step (float32 products, and TF32 as PyTorch's cuDNN
+convolutions use by default), PyTorch CPU (NCHW and channels_last) and PyTorch
+CUDA (eager).
 The GPU rows also give their ratio to PyTorch CUDA and the time one FER2013
 epoch (28,709 images) would take at their rate. Each backend runs in a worker
 process of its own (as its users run it: no shared thread pools), and the
@@ -40,8 +41,8 @@ from minicnn.models import EmotionClassifier  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FER2013_TRAIN = 28709          # images in FER2013's Training split: one epoch
-GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph", "torch-cuda", "minicnn-fast",
-                "torch-cpu-cl"]
+GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph", "minicnn-cupy-graph-tf32",
+                "torch-cuda", "minicnn-fast", "torch-cpu-cl"]
 
 # Multiply-accumulates per image of the forward pass, layer by layer.
 _FWD_MACS = {
@@ -104,11 +105,15 @@ class Backend:
 
 
 class MinicnnBackend(Backend):
-    def __init__(self, name, device, fast, graph=False):
-        self.name, self.device, self.fast, self.graph = name, device, fast, graph
+    def __init__(self, name, device, fast, graph=False, tf32=False):
+        self.name, self.device, self.fast, self.graph, self.tf32 = name, device, fast, graph, tf32
 
     def available(self):
         return self.device == "cpu" or gpu_available()
+
+    def setup(self):
+        if self.tf32:            # CuPy reads it at its first float32 matrix product (this worker's own)
+            os.environ["CUPY_TF32"] = "1"
 
     def info(self):
         if self.device != "gpu":
@@ -118,7 +123,7 @@ class MinicnnBackend(Backend):
         props = cupy.cuda.runtime.getDeviceProperties(0)
         name = props["name"]
         return dict(cupy=cupy.__version__, gpu_name=name.decode() if isinstance(name, bytes) else str(name),
-                    cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), minicnn_tf32=gpu.tf32_enabled())
+                    cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), **{f"tf32_{self.name}": gpu.tf32_enabled()})
 
     def sync(self):
         synchronize()
@@ -253,6 +258,7 @@ def all_backends():
         MinicnnBackend("minicnn-cupy-plain", "gpu", fast=False),
         MinicnnBackend("minicnn-cupy", "gpu", fast=True),
         MinicnnBackend("minicnn-cupy-graph", "gpu", fast=True, graph=True),
+        MinicnnBackend("minicnn-cupy-graph-tf32", "gpu", fast=True, graph=True, tf32=True),
         TorchBackend("torch-cpu", "cpu", channels_last=False),
         TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
         TorchBackend("torch-cuda", "cuda", channels_last=False),
