@@ -80,3 +80,18 @@ def test_explain_and_visualize_commands_write_pngs(tmp_path, weights, face_file,
     assert cli(["visualize", str(face_file), "--weights", str(weights), "--out", str(out2)]) == 0
     assert Image.open(out2).size[0] > 600
     assert cli(["explain", str(tmp_path / "missing.jpg"), "--weights", str(weights)]) == 2
+
+
+def test_saliency_gradcam_and_feature_maps_on_the_gpu_equal_the_cpu(gpu):
+    minicnn.manual_seed(0)
+    model = EmotionClassifier()
+    x = np.random.default_rng(0).standard_normal((1, 1, 48, 48)).astype(np.float32)
+    want = saliency_and_gradcam(model, x)
+    want_maps = feature_maps(model, x)
+    model.to(gpu)
+    got = saliency_and_gradcam(model, x)
+    assert got[1] == want[1]                              # the same target class
+    for g, w in zip((got[0], got[2], got[3]), (want[0], want[2], want[3])):   # probs, saliency, Grad-CAM
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    for name, w in want_maps.items():
+        np.testing.assert_allclose(feature_maps(model, x)[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
