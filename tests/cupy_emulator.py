@@ -155,7 +155,11 @@ class ndarray:
         return method
 
     def __getitem__(self, index):
-        return _wrap(self._a[_unwrap_index(index)])
+        a, idx = self._a, _unwrap_index(index)
+        result = _run(lambda: a[idx], False, (a,))       # a copy (fancy indexing) is an operation
+        if isinstance(result, _np.ndarray) and not _np.shares_memory(result, a):
+            _count("getitem")
+        return _wrap(result)
 
     def __setitem__(self, index, value):
         _count("setitem")
