@@ -29,6 +29,8 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--target", type=float, default=None, help="minimum test accuracy, 0..1")
     args = parser.parse_args()
+    if args.cuda_graph and args.device != "gpu":
+        parser.error("--cuda-graph needs --device gpu")
 
     # 1. Data: uint8 faces (N, 48, 48) and labels, split into train / validation / test.
     data, description = load_dataset(args.data, seed=args.seed)

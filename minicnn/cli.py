@@ -29,6 +29,9 @@ def _add_common(p, data=True):
 
 
 def _cmd_train(args):
+    if args.cuda_graph and args.device != "gpu":
+        print("minicnn: error: --cuda-graph needs --device gpu (CUDA graphs replay GPU work)", file=sys.stderr)
+        return 2
     from .data import EMOTIONS, Augment, load_dataset
     from .training import Recipe, Trainer, format_report
     from .training.plots import plot_confusion, plot_curves, plot_samples

@@ -263,6 +263,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no dataset at" in capsys.readouterr().err
     assert cli(["predict", str(tmp_path / "x.jpg"), "--weights", str(tmp_path / "w.npz")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert cli(["train", "--cuda-graph", "--out", str(tmp_path / "r")]) == 2
+    assert "--cuda-graph needs --device gpu" in capsys.readouterr().err
     assert cli(["summary"]) == 0
     assert "1,572,551" in capsys.readouterr().out
 
