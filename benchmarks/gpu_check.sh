@@ -22,8 +22,36 @@ mkdir -p "$OUT"
     $PY -c "import minicnn; print('minicnn', minicnn.__version__, '| GPU available:', minicnn.gpu_available())"
 } 2>&1 | tee "$OUT/gpu-env.txt"
 
+# A smoke test first, so that a basic failure shows at once: one training step on each GPU path.
+$PY - <<'PY' 2>&1 | tee "$OUT/gpu-smoke.txt"
+import numpy as np, minicnn
+from minicnn.backend import to_device, synchronize
+from minicnn.kernels import fast_kernels
+from minicnn.models import EmotionClassifier
+from minicnn.training import train_step
+from minicnn.training.graph import CudaGraphStep
+x = to_device(np.random.default_rng(0).standard_normal((64, 1, 48, 48)).astype(np.float32), "gpu")
+y = np.arange(64) % 7
+for name, fast, graph in (("plain", False, False), ("kernels", True, False), ("graph", True, True)):
+    try:
+        with fast_kernels(fast):
+            minicnn.manual_seed(0)
+            model = EmotionClassifier().to("gpu")
+            opt = minicnn.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            crit = minicnn.nn.CrossEntropyLoss()
+            step = CudaGraphStep(model, crit, opt) if graph else None
+            for _ in range(4):
+                loss, _ = step(x, y) if graph else train_step(model, crit, opt, x, y)
+            synchronize()
+            print(f"smoke {name}: ok, loss {float(loss):.4f}", flush=True)
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        print(f"smoke {name}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+PY
+
 # Every test case that runs on CuPy: the backend-parametrised gradient checks and PyTorch parity
 # tests (plain path and CUDA kernels), the kernels, CUDA graphs, training and the benchmark's GPU rows.
-timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cupy" -rs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cupy" --maxfail=20 -rs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 
 timeout 240 $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
