@@ -95,6 +95,10 @@ def test_graph_step_refuses_what_it_cannot_replay(gpu):
         step(x, [0, 1])
     with pytest.raises(ValueError, match=r"labels must be in \[0, 7\)"):
         step(to_device(x, "gpu"), [0, 7])
+    with pytest.raises(ValueError, match=r"labels of shape \(2,\)"):
+        step(to_device(x, "gpu"), [0, 1, 2])
+    with pytest.raises(ValueError, match="integer class labels"):
+        step(to_device(x, "gpu"), [0.0, 1.0])
     model.eval()
     with pytest.raises(ValueError, match="model.train"):
         step(to_device(x, "gpu"), [0, 1])

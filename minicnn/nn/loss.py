@@ -21,7 +21,28 @@ from ..backend import get_array_module, to_device, device_of
 from ..kernels import gpu_kernels, gpu_path
 from .module import check_input
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "check_labels"]
+
+
+def check_labels(labels, n, c=None):
+    """Check ``n`` integer class labels in [0, c) (c None: no upper bound known); returns them,
+    as a NumPy array when they came from the host. Labels already on the GPU get their shape and
+    type checked only: reading their values would wait for the GPU (and is not allowed while a CUDA
+    graph is captured)."""
+    if device_of(labels) == "gpu":
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise ValueError(f"CrossEntropyLoss expects integer labels of shape ({n},), got {labels.dtype} "
+                             f"labels of shape {tuple(labels.shape)}")
+        return labels
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"CrossEntropyLoss expects labels of shape ({n},)"
+                         f"{'' if c is None else f' for logits of shape ({n}, {c})'}, got {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"CrossEntropyLoss expects integer class labels, got dtype {labels.dtype}")
+    if n and (labels.min() < 0 or (c is not None and labels.max() >= c)):
+        raise ValueError(f"labels must be in [0, {c}), got values from {labels.min()} to {labels.max()}")
+    return labels
 
 
 class CrossEntropyLoss:
@@ -56,23 +77,7 @@ class CrossEntropyLoss:
             raise ValueError(f"weight has shape {self.weight.shape} but the logits have {c} classes")
         if n == 0:
             raise ValueError("CrossEntropyLoss got an empty batch")
-        if device_of(labels) == "gpu":
-            # Labels already on the GPU: checking their values would wait for the GPU (and is not
-            # allowed while a CUDA graph is captured), so only their shape and type are checked.
-            if labels.shape != (n,) or labels.dtype.kind not in "iu":
-                raise ValueError(f"CrossEntropyLoss expects integer labels of shape ({n},) for logits of shape "
-                                 f"({n}, {c}), got {labels.dtype} labels of shape {tuple(labels.shape)}")
-            return labels
-        labels_np = np.asarray(labels)
-        if labels_np.shape != (n,):
-            raise ValueError(f"CrossEntropyLoss expects labels of shape ({n},) for logits of shape "
-                             f"({n}, {c}), got {labels_np.shape}")
-        if labels_np.dtype.kind not in "iu":
-            raise ValueError(f"CrossEntropyLoss expects integer class labels, got dtype {labels_np.dtype}")
-        if n and (labels_np.min() < 0 or labels_np.max() >= c):
-            raise ValueError(f"labels must be in [0, {c}), got values from {labels_np.min()} "
-                             f"to {labels_np.max()}")
-        return labels_np
+        return check_labels(labels, n, c)
 
     def _class_weights(self, c, like):
         """The class weights (ones if none) on ``like``'s device and dtype, made once."""

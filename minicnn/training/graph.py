@@ -31,6 +31,7 @@ stream).
 import numpy as np
 
 from ..backend import device_of, gpu_module, to_device
+from ..nn.loss import check_labels
 from ..kernels import fast_kernels_enabled, gpu_kernels
 from ..optim import SGD, Adam, AdamW
 from .trainer import train_step
@@ -89,13 +90,8 @@ class CudaGraphStep:
         return self._loss.copy(), self._correct.copy()
 
     def _labels(self, y, n):
-        if device_of(y) != "gpu":
-            y = np.asarray(y)
-            if y.shape != (n,) or y.dtype.kind not in "iu":
-                raise ValueError(f"expected {n} integer labels, got {y.dtype} labels of shape {y.shape}")
-            c = getattr(self.model, "num_classes", None)
-            if n and (y.min() < 0 or (c is not None and y.max() >= c)):
-                raise ValueError(f"labels must be in [0, {c}), got values from {y.min()} to {y.max()}")
+        """Checked on the host (the loss inside the graph sees them on the device), then copied over."""
+        y = check_labels(y, n, getattr(self.model, "num_classes", None))
         return to_device(y, "gpu").astype(np.int64, copy=False)
 
     def _bound(self):
