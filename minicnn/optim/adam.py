@@ -71,16 +71,11 @@ class Adam(Optimizer):
                                   self._device_hyper(p.data.dtype, state["step"]))
 
     def _device_hyper(self, dtype, t):
+        """[beta1, beta2, eps, step_size, root_bc2, l2, decay] of step t in device memory."""
         wd = self.weight_decay
-        values = (self.beta1, self.beta2, self.eps, self.lr / (1.0 - self.beta1 ** t),
-                  math.sqrt(1.0 - self.beta2 ** t), 0.0 if self._decoupled else wd,
-                  self.lr * wd if self._decoupled else 0.0)
-        on_device = self.__dict__.setdefault("_on_device", {})
-        if dtype not in on_device:
-            on_device[dtype] = gpu_kernels().DeviceValues(dtype)
-        if gpu_kernels().capturing():          # each replay writes them first: _before_graph_replay
-            return on_device[dtype].array
-        return on_device[dtype].set(values)
+        return self._device_values(dtype, (self.beta1, self.beta2, self.eps, self.lr / (1.0 - self.beta1 ** t),
+                                           math.sqrt(1.0 - self.beta2 ** t), 0.0 if self._decoupled else wd,
+                                           self.lr * wd if self._decoupled else 0.0))
 
     def _before_graph_replay(self):
         """A graph replay does not call step(): count the step and copy its numbers to the device."""

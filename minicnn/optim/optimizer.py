@@ -29,6 +29,7 @@ class Optimizer:
             raise ValueError(f"invalid learning rate {lr}")
         self.lr = float(lr)
         self.state = [dict() for _ in self.params]
+        self._on_device = {}          # dtype -> numbers the GPU update kernels read (_device_values)
 
     def zero_grad(self):
         for p in self.params:
@@ -44,6 +45,21 @@ class Optimizer:
 
     def _update(self, p, state):
         raise NotImplementedError
+
+    def _device_values(self, dtype, values):
+        """``values`` (the numbers a GPU update kernel reads: learning rate, ...) in a small device
+        array of ``dtype``, copied over only when one changed, so a CUDA graph of the step sees new
+        ones. While a graph is captured the array is returned as it is: each replay writes it first,
+        in the subclass's ``_before_graph_replay``."""
+        from ..kernels import gpu_kernels
+        if dtype not in self._on_device:
+            self._on_device[dtype] = gpu_kernels().DeviceValues(dtype)
+        if gpu_kernels().capturing():
+            return self._on_device[dtype].array
+        return self._on_device[dtype].set(values)
+
+    def _before_graph_replay(self):
+        """Bring what the update kernels read up to date: a replayed CUDA graph does not call step()."""
 
     # --- save / load: flat dicts of NumPy arrays (npz-friendly, no pickle) -------
     def state_dict(self):

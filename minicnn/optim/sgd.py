@@ -27,7 +27,6 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         self.momentum, self.dampening = float(momentum), float(dampening)
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
-        self._on_device = {}          # dtype -> the hyper-parameters in device memory (GPU kernels)
 
     def _update(self, p, state):
         if self.momentum and fast_path(p.data) and p.data.flags.c_contiguous:
@@ -68,15 +67,9 @@ class SGD(Optimizer):
         gpu_kernels().sgd_update(p.data, p.grad, buf, self._device_hyper(p.data.dtype), self.nesterov, first)
 
     def _device_hyper(self, dtype):
-        """[lr, momentum, dampening, weight_decay] in device memory, where the kernel reads them (so a
-        CUDA graph of the step sees a new learning rate); copied over only when one changed."""
-        if dtype not in self._on_device:
-            self._on_device[dtype] = gpu_kernels().DeviceValues(dtype)
-        if gpu_kernels().capturing():          # each replay writes them first: _before_graph_replay
-            return self._on_device[dtype].array
-        return self._on_device[dtype].set((self.lr, self.momentum, self.dampening, self.weight_decay))
+        """[lr, momentum, dampening, weight_decay] in device memory, where the kernel reads them."""
+        return self._device_values(dtype, (self.lr, self.momentum, self.dampening, self.weight_decay))
 
     def _before_graph_replay(self):
-        """Copy this step's hyper-parameters to the device (a graph replay does not call step())."""
         for dtype in self._on_device:
             self._device_hyper(dtype)
