@@ -214,7 +214,7 @@ class BatchNorm2d(Module):
         return out
 
     def _backward_gpu(self, dout):
-        _, xhat, inv_std, training, relu_out = self._cache
+        _, xhat, inv_std, training, relu_out = self._saved()
         self._check_dout(dout, xhat.shape)
         gpu = gpu_kernels()
         sum_g, sum_g_xhat = gpu.batchnorm_grad_sums(dout, xhat, relu_out)
