@@ -201,3 +201,25 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
     got_state, got_losses, _, _ = _train(batches, graph=True)
     differs = got_losses != want_losses or any(not np.array_equal(got_state[k], v) for k, v in want_state.items())
     assert differs
+
+
+def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu):
+    from minicnn.kernels import gpu_kernels
+    model, opt, crit = _setup()
+    step = CudaGraphStep(model, crit, opt, warmup=1)
+    (x, y), = _batches(1)
+    x = to_device(x, "gpu")
+    step(x, y)                                      # the eager warm-up step
+    forward, calls = crit.forward, []
+
+    def fails_in_the_capture(logits, labels):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom inside the capture")
+        return forward(logits, labels)
+    crit.forward = fails_in_the_capture
+    with pytest.raises(RuntimeError, match="boom inside the capture"):
+        step(x, y)
+    assert not gpu_kernels().capturing() and step._graph is None
+    loss, _ = step(x, y)                            # captured again, this time whole, and replayed
+    assert step.replays == 1 and np.isfinite(float(loss))

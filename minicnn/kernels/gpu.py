@@ -11,6 +11,7 @@ with ``minicnn.kernels.use_fast_kernels(False)`` to run the plain path on the GP
 Matrix products stay with CuPy (cuBLAS). Whether cuBLAS may use TF32 for float32 products is
 CuPy's setting (``CUPY_TF32=1``; off by default), reported by :func:`tf32_enabled`.
 """
+import contextlib
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .im2col import conv_output_size
 
 __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_statistics",
            "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "dropout", "softmax_cross_entropy",
-           "sgd_update", "adam_update", "DeviceValues", "capturing", "tf32_enabled", "SOURCE"]
+           "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "tf32_enabled", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("gpu_kernels.cu")
 THREADS = 256            # threads per block
@@ -82,6 +83,18 @@ _capturing = False
 def capturing():
     """True while minicnn captures a CUDA graph (see minicnn.training.graph)."""
     return _capturing
+
+
+@contextlib.contextmanager
+def capture_scope():
+    """``with capture_scope():`` the code inside is being captured into a CUDA graph: layers and
+    optimizers then leave the numbers they read from device memory as they are (see DeviceValues)."""
+    global _capturing
+    _capturing = True
+    try:
+        yield
+    finally:
+        _capturing = False
 
 
 def tf32_enabled():

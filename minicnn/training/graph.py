@@ -110,19 +110,15 @@ class CudaGraphStep:
         self._x, self._y = x.copy(), y.copy()
         self._pool = cp.cuda.MemoryPool()            # the graph's own memory
         stream = cp.cuda.Stream(non_blocking=True)
-        gpu._capturing = True
-        try:
-            with cp.cuda.using_allocator(self._pool.malloc), stream:
-                stream.begin_capture()
+        with gpu.capture_scope(), cp.cuda.using_allocator(self._pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                self._loss, self._correct = self.eager(self._x, self._y)
+            except BaseException:
                 try:
-                    self._loss, self._correct = self.eager(self._x, self._y)
-                except BaseException:
-                    try:
-                        stream.end_capture()         # (an error in the step may have ended it already)
-                    except Exception:
-                        pass
-                    raise
-                graph = stream.end_capture()
-        finally:
-            gpu._capturing = False
+                    stream.end_capture()             # (an error in the step may have ended it already)
+                except Exception:
+                    pass
+                raise
+            graph = stream.end_capture()
         self._graph, self._bound_at_capture = graph, self._bound()
