@@ -117,6 +117,22 @@ def test_run_chunks_covers_every_item_once_and_passes_errors_on():
     assert all(i["num_threads"] > 1 or (__import__("os").cpu_count() or 1) == 1 for i in blas)   # restored
 
 
+@pytest.mark.parametrize("n, chunk, k", [(64, 29, 2), (64, 5, 2), (23, 4, 3), (5, 1, 2), (3, 8, 4), (1, 1, 2)])
+def test_chunk_bounds_cover_the_range_in_fair_shares(n, chunk, k):
+    """Consecutive chunks, sizes within one of each other, as many as asked but a multiple of the
+    thread count (so no thread gets an extra chunk while the other waits), never empty."""
+    bounds = threads.chunk_bounds(n, chunk, k)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert len(bounds) >= -(-n // chunk) and (len(bounds) % k == 0 or len(bounds) == n)
+    shares = [sum(sizes[t::k]) for t in range(k)]
+    assert max(shares) - min(shares) <= -(-len(bounds) // k)
+    if (n, chunk, k) == (64, 29, 2):
+        assert sizes == [16, 16, 16, 16]
+
+
 @pytest.mark.parametrize("first, warns", [("numpy", True), ("minicnn", False)])
 def test_importing_numpy_first_is_reported_once_the_fast_path_starts(first, warns):
     import subprocess

@@ -104,16 +104,19 @@ def test_fused_batchnorm_relu_pool_equals_the_three_layers(n, c, h, w, k, traini
 
 @given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 4), st.integers(3, 9), st.sampled_from([2, 3]),
        st.booleans(), st.booleans(), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16),
-       st.sampled_from(["chunks", "whole"]))
+       st.sampled_from(["chunks", "chunks-im2col", "whole"]))
 def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias, dtype, seed, route):
     """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d fused (the conv bias folded into the BatchNorm),
-    run in chunks of one image on threads or as a whole with parallel kernels: same output, input
-    gradient, parameter gradients and running statistics as the layers one by one."""
+    run in chunks of one image on threads (the conv by Winograd, or by im2col) or as a whole with
+    parallel kernels: same output, input gradient, parameter gradients and running statistics as
+    the layers one by one."""
     from minicnn.kernels import threads
     from minicnn.nn.fused import ConvBatchNormReLUPool
     assume(hw >= k and not (training and n * hw * hw < 2))
     assume(route == "whole" or threads.available())
-    knobs = dict(THREADED_GEMM_K=(0, 10**9) if route == "chunks" else (1, 0), CHUNK_BYTES=1, CHUNK_ROWS=1)
+    chunks = route.startswith("chunks")
+    knobs = dict(THREADED_GEMM_K=(0, 10**9) if chunks else (1, 0), CHUNK_BYTES=1, CHUNK_ROWS=1,
+                 WINOGRAD=route == "chunks", WINOGRAD_MIN_CHANNELS=1)
     saved = {name: getattr(ConvBatchNormReLUPool, name) for name in knobs}
     for name, value in knobs.items():
         setattr(ConvBatchNormReLUPool, name, value)
@@ -144,7 +147,8 @@ def _check_fused_conv_block(n, c, oc, hw, k, training, bias, dtype, seed, route)
                 out = net(x)
                 step = net._last_plan[0]
                 assert isinstance(step, ConvBatchNormReLUPool)
-                assert (step._cache is not None) == (route == "chunks")
+                assert (step._cache is not None) == route.startswith("chunks")
+                assert step._winograd() == (route == "chunks")
             else:                      # each layer on its own (the fast path, but never fused)
                 out = x
                 for layer in net:

@@ -1,0 +1,100 @@
+"""Winograd's F(2x2, 3x3) convolution (minicnn/kernels/winograd.py) against the naive loops."""
+import numpy as np
+import pytest
+from hypothesis import assume, given, strategies as st
+
+from minicnn.kernels import winograd
+from minicnn.kernels.reference import conv2d_forward
+
+G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _input_grad_by_loops(g, w, padding, x_shape):
+    """dL/dx of the stride-1 conv, by its definition: each output's gradient back to the inputs
+    its window saw."""
+    dx = np.zeros(x_shape)
+    _, _, oh, ow = g.shape
+    _, _, h, wd = x_shape
+    for y in range(oh):
+        for x in range(ow):
+            for i in range(3):
+                for j in range(3):
+                    yy, xx = y + i - padding, x + j - padding
+                    if 0 <= yy < h and 0 <= xx < wd:
+                        dx[:, :, yy, xx] += g[:, :, y, x] @ w[:, :, i, j]
+    return dx
+
+
+@pytest.mark.parametrize("for_input_grad", [False, True])
+def test_filter_transform_is_g_times_filter_times_g_transposed(for_input_grad):
+    w = np.random.default_rng(0).standard_normal((5, 3, 3, 3))
+    u = winograd.filter_transform(w, for_input_grad=for_input_grad)
+    for o in range(5):
+        for c in range(3):
+            if for_input_grad:          # turned by 180 degrees, channels swapped: U[ab][o, c]
+                np.testing.assert_allclose(u[:, o, c], (G @ w[o, c, ::-1, ::-1] @ G.T).ravel(), atol=1e-15)
+            else:
+                np.testing.assert_allclose(u[:, c, o], (G @ w[o, c] @ G.T).ravel(), atol=1e-15)
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 9), st.integers(1, 9),
+       st.integers(0, 2), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
+def test_conv3x3_equals_the_naive_loops(n, c, oc, h, w, padding, dtype, seed):
+    """Any size, odd or even (a last tile half outside the output), padding 0-2, both dtypes."""
+    assume(h + 2 * padding >= 3 and w + 2 * padding >= 3)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w))
+    weight = rng.standard_normal((oc, c, 3, 3))
+    expected = conv2d_forward(x, weight, np.zeros(oc), 1, padding)
+    out = np.full((n,) + expected.shape[2:] + (oc,), np.nan, dtype)
+    winograd.conv3x3(_nhwc(x).astype(dtype), winograd.filter_transform(weight.astype(dtype)), padding, out)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=tol, atol=tol)
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 8), st.integers(1, 8),
+       st.integers(0, 2), st.integers(0, 2**16))
+def test_the_input_gradient_is_a_conv3x3_with_the_turned_filters(n, c, oc, h, w, padding, seed):
+    assume(h + 2 * padding >= 3 and w + 2 * padding >= 3)
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((oc, c, 3, 3))
+    g = rng.standard_normal((n, oc, h + 2 * padding - 2, w + 2 * padding - 2))
+    dx = np.full((n, h, w, c), np.nan)
+    winograd.conv3x3(_nhwc(g), winograd.filter_transform(weight, for_input_grad=True), 2 - padding, dx)
+    np.testing.assert_allclose(dx.transpose(0, 3, 1, 2), _input_grad_by_loops(g, weight, padding, (n, c, h, w)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_applies_only_to_3x3_stride_1_with_padding_up_to_2():
+    assert winograd.applies(3, 1, 1) and winograd.applies(3, 1, 0) and winograd.applies(3, 1, 2)
+    assert not winograd.applies(3, 2, 1) and not winograd.applies(5, 1, 2) and not winograd.applies(3, 1, 3)
+
+
+def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
+    """conv1 (one input channel) stays im2col; conv2-4 use Winograd, forward and backward, and the
+    network's output and gradients match the plain path."""
+    import minicnn
+    from minicnn.kernels import fast_kernels, threads
+    from minicnn.models import EmotionClassifier
+    from minicnn.nn.fused import ConvBatchNormReLUPool
+    if not threads.available():
+        pytest.skip("the chunked route needs a BLAS whose threads threadpoolctl can limit")
+    x = np.random.default_rng(0).standard_normal((4, 1, 48, 48)).astype(np.float32)
+    results = {}
+    for fast in (False, True):
+        minicnn.manual_seed(0)
+        model = EmotionClassifier(dropout=0.0)
+        with fast_kernels(fast):
+            out = model(x)
+            model.backward(np.ones_like(out) / out.size)
+            if fast:
+                steps = model.features._last_plan
+                assert [type(s) for s in steps] == [ConvBatchNormReLUPool] * 4
+                assert [s._winograd() for s in steps] == [False, True, True, True]
+        results[fast] = [out] + [p.grad for p in model.parameters()]
+    for a, b in zip(results[False], results[True]):
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5)
