@@ -116,7 +116,7 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
     assume(route == "whole" or threads.available())
     chunks = route.startswith("chunks")
     knobs = dict(THREADED_GEMM_K=(0, 10**9) if chunks else (1, 0), CHUNK_BYTES=1, CHUNK_ROWS=1,
-                 WINOGRAD=route == "chunks", WINOGRAD_MIN_CHANNELS=1)
+                 WINOGRAD=route == "chunks", WINOGRAD_MIN_CHANNELS=1, WINOGRAD_DW_MIN_CHANNELS=1)
     saved = {name: getattr(ConvBatchNormReLUPool, name) for name in knobs}
     for name, value in knobs.items():
         setattr(ConvBatchNormReLUPool, name, value)

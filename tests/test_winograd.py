@@ -69,6 +69,31 @@ def test_the_input_gradient_is_a_conv3x3_with_the_turned_filters(n, c, oc, h, w,
                                rtol=1e-12, atol=1e-12)
 
 
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 8), st.integers(1, 8),
+       st.integers(0, 2), st.integers(0, 2**16))
+def test_the_weight_gradient_by_winograd_equals_the_sum_over_windows(n, c, oc, h, w, padding, seed):
+    """F(3x3, 2x2): dW[o, c, i, j] = sum over images and outputs of x_pad[y + i, x + j] dY[y, x],
+    summed chunk by chunk (two chunks here) and transformed once."""
+    assume(h + 2 * padding >= 3 and w + 2 * padding >= 3)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c))
+    oh, ow = h + 2 * padding - 2, w + 2 * padding - 2
+    g = rng.standard_normal((n, oh, ow, oc))
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    expected = np.zeros((3, 3, c, oc))
+    for i in range(3):
+        for j in range(3):
+            for y in range(oh):
+                for xx in range(ow):
+                    expected[i, j] += xp[:, y + i, xx + j, :].T @ g[:, y, xx, :]
+    half = (n + 1) // 2
+    sums = winograd.weight_grad_sums(x[:half], g[:half], padding)
+    if half < n:
+        sums = sums + winograd.weight_grad_sums(x[half:], g[half:], padding)
+    got = winograd.weight_grad_columns(sums)
+    np.testing.assert_allclose(got, expected.reshape(9 * c, oc), rtol=1e-12, atol=1e-12)
+
+
 def test_applies_only_to_3x3_stride_1_with_padding_up_to_2():
     assert winograd.applies(3, 1, 1) and winograd.applies(3, 1, 0) and winograd.applies(3, 1, 2)
     assert not winograd.applies(3, 2, 1) and not winograd.applies(5, 1, 2) and not winograd.applies(3, 1, 3)

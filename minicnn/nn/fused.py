@@ -158,10 +158,11 @@ class ConvBatchNormReLUPool:
     CHUNK_BYTES = 2 << 20
     # ... but at least this many GEMM rows: a smaller product runs well below the BLAS's rate.
     CHUNK_ROWS = 1024
-    # With grad, chunks win only for a GEMM inner dimension k*k*C_in in this range (measured on the
-    # EmotionClassifier's blocks): at C_in = 1 the products are too thin to gain, and at k*k*C_in =
-    # 1152 with 6x6 images the block is GEMM-bound and the two-thread BLAS on whole matrices wins.
-    # Outside it the block runs the conv and the fused step one after the other, parallel kernels.
+    # With grad, an im2col conv runs in chunks only for a GEMM inner dimension k*k*C_in in this
+    # range (measured on the EmotionClassifier's blocks): at C_in = 1 the products are too thin to
+    # gain, and at k*k*C_in = 1152 with 6x6 images the block is GEMM-bound and the two-thread BLAS on
+    # whole matrices wins. Outside it the block runs the conv and the fused step one after the other,
+    # parallel kernels. A Winograd conv always runs in chunks (conv4's block: 5 ms faster per step).
     THREADED_GEMM_K = (16, 1024)
     # 3x3 stride-1 convs by Winograd's F(2x2, 3x3) in the chunks (forward, and dL/dx), 2.25x fewer
     # multiplications than im2col's GEMM (minicnn/kernels/winograd.py). False: im2col everywhere.
@@ -169,6 +170,9 @@ class ConvBatchNormReLUPool:
     # ... for inputs of at least this many channels: the 16 products are (tiles, C) x (C, OC), and
     # with few channels (the first layer's 1) the transforms cost more than the products save.
     WINOGRAD_MIN_CHANNELS = 16
+    # The weight gradient by Winograd too (F(3x3, 2x2)) from this many input channels: at 32 (conv2)
+    # transforming dL/dY costs what the smaller products save; at 64 and 128 it is 1.3-1.5x faster.
+    WINOGRAD_DW_MIN_CHANNELS = 64
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -191,7 +195,8 @@ class ConvBatchNormReLUPool:
         offset = None if conv.bias is None else conv.bias.data
         inference = not bn.training and not is_grad_enabled()
         lo, hi = self.THREADED_GEMM_K
-        if not threads.available() or not (inference or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi):
+        chunked = inference or self._winograd() or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi
+        if not threads.available() or not chunked:
             y = conv._forward_fast(x, conv_shape[2], conv_shape[3], add_bias=False)
             return self.rest.forward(y, offset=offset)
         n, oc, oh, ow = conv_shape
@@ -300,13 +305,17 @@ class ConvBatchNormReLUPool:
                                                     inv_std, n * oh * ow, training, y.dtype)
         dx = workspace.empty(x_nhwc.shape, y.dtype) if input_grad else None
         wino = input_grad and self._winograd()
+        wino_dw = self._winograd() and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS
         w_dx = winograd.filter_transform(conv.weight.data, for_input_grad=True) if wino else None
         dws = {}
 
         def grad_chunk(lo, hi):
             dy = cpu.bn_relu_pool_backward_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, kp, a, b, c0,
                                                   np.empty((hi - lo, oh, ow, oc), y.dtype)).reshape(-1, oc)
-            dws[lo] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
+            if wino_dw:           # the 16 products V^T E; G^T (sum) G once all chunks are in
+                dws[lo] = winograd.weight_grad_sums(x_nhwc[lo:hi], dy.reshape(hi - lo, oh, ow, oc), p)
+            else:
+                dws[lo] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
             if wino:              # dL/dx: the conv of dL/dy with the rotated filters, padding k - 1 - p
                 winograd.conv3x3(dy.reshape(hi - lo, oh, ow, oc), w_dx, k - 1 - p, dx[lo:hi])
             elif input_grad:
@@ -316,7 +325,7 @@ class ConvBatchNormReLUPool:
         dw = dws[0]
         for part in dws[1:]:
             dw += part
-        conv._accumulate_weight_grad(dw)
+        conv._accumulate_weight_grad(winograd.weight_grad_columns(dw) if wino_dw else dw)
         if conv.bias is not None:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None
