@@ -147,6 +147,10 @@ class ConvBatchNormReLUPool:
                dL/dx = col2im(dL/dy W^T)
                dW = the chunks' dW in chunk order (deterministic)                  | once
 
+    A 3x3 stride-1 conv with enough input channels runs by Winograd's F(2x2, 3x3) instead of
+    im2col + GEMM in each chunk, forward and dL/dx, and from more channels dW too
+    (:mod:`minicnn.kernels.winograd`; ``WINOGRAD = False`` turns it off).
+
     The im2col matrix is never kept: recomputing a chunk's costs less than writing the whole
     batch's out to memory and reading it back. Under :func:`minicnn.no_grad` in eval mode even y
     is not kept. Otherwise (no such BLAS) the conv and the other three layers' fused step run
@@ -235,8 +239,9 @@ class ConvBatchNormReLUPool:
     def _forward_threaded(self, x, conv_shape, offset):
         cpu, bn = cpu_kernels(), self.bn
         n, oc, oh, ow = conv_shape
-        x_nhwc, w_col, w = cpu.nhwc(x), self.conv._weight_columns(), self._filters()
-        kk, kp = w_col.shape[0], self.pool.kernel_size
+        x_nhwc, w = cpu.nhwc(x), self._filters()
+        w_col = None if w.ndim == 3 else w            # (Winograd: the backward makes its own filters)
+        kk, kp = self.conv.kernel_size ** 2 * self.conv.in_channels, self.pool.kernel_size
         y = workspace.empty((n, oh, ow, oc), x.dtype)
         chunk = self._chunk(n, oh * ow * (kk + oc) * x.itemsize, oh * ow)
         parts = {}                                   # chunk start -> its moments
@@ -292,7 +297,8 @@ class ConvBatchNormReLUPool:
         n, oh, ow, oc = y.shape
         self.pool._check_dout(dout, cpu.from_nhwc(arg).shape)
         g = cpu.nhwc(dout)
-        k, s, p, kp, kk = conv.kernel_size, conv.stride, conv.padding, self.pool.kernel_size, w_col.shape[0]
+        k, s, p, kp = conv.kernel_size, conv.stride, conv.padding, self.pool.kernel_size
+        kk = k * k * conv.in_channels
         chunk = self._chunk(n, oh * ow * (2 * kk + oc) * y.itemsize, oh * ow)
         sums = {}
 
