@@ -108,7 +108,7 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
     from minicnn.nn.fused import ConvBatchNormReLUPool
     if not threads.available():
         pytest.skip("the chunked route needs a BLAS whose threads threadpoolctl can limit")
-    x = np.random.default_rng(0).standard_normal((4, 1, 48, 48)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((16, 1, 48, 48)).astype(np.float32)
     results = {}
     for fast in (False, True):
         minicnn.manual_seed(0)
@@ -119,7 +119,13 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
             if fast:
                 steps = model.features._last_plan
                 assert [type(s) for s in steps] == [ConvBatchNormReLUPool] * 4
-                assert [s._winograd() for s in steps] == [False, True, True, True]
+                assert [s._cache[2] is None for s in steps[1:]] == [True, True, True]    # Winograd
+                sizes = [(16, 1, 48, 48), (16, 32, 24, 24), (16, 64, 12, 12), (16, 128, 6, 6)]
+                assert [s._winograd(s.conv.output_shape(size)) for s, size in zip(steps, sizes)] == \
+                    [False, True, True, True]
+                # at batch 8, conv4's 8 x 9 = 72 tiles are too few to pay for its filters' transforms
+                assert not steps[3]._winograd(steps[3].conv.output_shape((8, 128, 6, 6)))
+                assert steps[2]._winograd(steps[2].conv.output_shape((8, 64, 12, 12)))
         results[fast] = [out] + [p.grad for p in model.parameters()]
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5)

@@ -177,6 +177,12 @@ class ConvBatchNormReLUPool:
     # The weight gradient by Winograd too (F(3x3, 2x2)) from this many input channels: at 32 (conv2)
     # transforming dL/dY costs what the smaller products save; at 64 and 128 it is 1.3-1.5x faster.
     WINOGRAD_DW_MIN_CHANNELS = 64
+    # ... and for batches of at least this many 2x2 output tiles: each step also transforms the
+    # filters (twice) and sums 16 weight-gradient planes per chunk, costs that grow with C * OC but
+    # not with the batch. EmotionClassifier training step at batch 2, every 3x3 conv by Winograd:
+    # 14.2 ms against 12.8 by im2col; with this threshold (conv4, 9 tiles per image, by Winograd
+    # from batch 15; conv3 from 4; conv2 always) 13.6 against 13.2, and 32.0 against 34.2 at batch 16.
+    WINOGRAD_MIN_TILES = 128
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -199,7 +205,7 @@ class ConvBatchNormReLUPool:
         offset = None if conv.bias is None else conv.bias.data
         inference = not bn.training and not is_grad_enabled()
         lo, hi = self.THREADED_GEMM_K
-        chunked = inference or self._winograd() or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi
+        chunked = inference or self._winograd(conv_shape) or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi
         if not threads.available() or not chunked:
             y = conv._forward_fast(x, conv_shape[2], conv_shape[3], add_bias=False)
             return self.rest.forward(y, offset=offset)
@@ -218,10 +224,12 @@ class ConvBatchNormReLUPool:
         col = np.empty(((hi - lo) * oh * ow, k * k * conv.in_channels), x_nhwc.dtype)
         return cpu_kernels().im2col_nhwc_serial(x_nhwc[lo:hi], k, conv.stride, conv.padding, oh, ow, col)
 
-    def _winograd(self):
-        """True when the conv takes the Winograd route (minicnn/kernels/winograd.py)."""
-        conv = self.conv
+    def _winograd(self, conv_shape):
+        """True when the conv, with output shape (N, OC, OH, OW), takes the Winograd route
+        (minicnn/kernels/winograd.py)."""
+        conv, (n, _, oh, ow) = self.conv, conv_shape
         return (self.WINOGRAD and conv.in_channels >= self.WINOGRAD_MIN_CHANNELS
+                and n * ((oh + 1) // 2) * ((ow + 1) // 2) >= self.WINOGRAD_MIN_TILES
                 and winograd.applies(conv.kernel_size, conv.stride, conv.padding))
 
     def _conv_chunk(self, x_nhwc, lo, hi, oh, ow, w, out):
@@ -232,14 +240,14 @@ class ConvBatchNormReLUPool:
         np.matmul(self._im2col(x_nhwc, lo, hi, oh, ow), w, out=out.reshape(-1, out.shape[-1]))
         return out
 
-    def _filters(self):
+    def _filters(self, conv_shape):
         conv = self.conv
-        return winograd.filter_transform(conv.weight.data) if self._winograd() else conv._weight_columns()
+        return winograd.filter_transform(conv.weight.data) if self._winograd(conv_shape) else conv._weight_columns()
 
     def _forward_threaded(self, x, conv_shape, offset):
         cpu, bn = cpu_kernels(), self.bn
         n, oc, oh, ow = conv_shape
-        x_nhwc, w = cpu.nhwc(x), self._filters()
+        x_nhwc, w = cpu.nhwc(x), self._filters(conv_shape)
         w_col = None if w.ndim == 3 else w            # (Winograd: the backward makes its own filters)
         kk, kp = self.conv.kernel_size ** 2 * self.conv.in_channels, self.pool.kernel_size
         y = workspace.empty((n, oh, ow, oc), x.dtype)
@@ -268,7 +276,7 @@ class ConvBatchNormReLUPool:
         """Eval mode under no_grad(): only the pooled output is written; nothing is kept."""
         cpu = cpu_kernels()
         n, oc, oh, ow = conv_shape
-        x_nhwc, w = cpu.nhwc(x), self._filters()
+        x_nhwc, w = cpu.nhwc(x), self._filters(conv_shape)
         kk, kp = self.conv.kernel_size ** 2 * self.conv.in_channels, self.pool.kernel_size
         _, _, scale, shift = self.bn._eval_affine(x.dtype, offset)
         out = workspace.empty((n, oh // kp, ow // kp, oc), x.dtype)
@@ -310,8 +318,9 @@ class ConvBatchNormReLUPool:
         a, b, c0, sum_dy = bn._fast_backward_affine(sum(t[0] for t in sums), sum(t[1] for t in sums), mean,
                                                     inv_std, n * oh * ow, training, y.dtype)
         dx = workspace.empty(x_nhwc.shape, y.dtype) if input_grad else None
-        wino = input_grad and self._winograd()
-        wino_dw = self._winograd() and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS
+        wino_fwd = w_col is None                    # (the forward's choice; the backward follows it)
+        wino = input_grad and wino_fwd
+        wino_dw = wino_fwd and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS
         w_dx = winograd.filter_transform(conv.weight.data, for_input_grad=True) if wino else None
         dws = {}
 
