@@ -33,6 +33,23 @@ def test_col2im_is_the_adjoint_of_im2col(case):
     np.testing.assert_allclose((col * c).sum(), (x * back).sum(), rtol=1e-12)
 
 
+@given(conv_case(), st.integers(1, 6), st.booleans())
+def test_channels_last_im2col_equals_the_plain_one(case, c, serial):
+    """The fast path's im2col (rows (n, y, x), columns (i, j, c)), for 1-3 channels (its column-by-
+    column loop) and more: every entry, padding zeros included, is the plain im2col's."""
+    from minicnn.kernels import cpu_kernels
+    cpu = cpu_kernels()
+    k, s, p = case["k"], case["s"], case["p"]
+    x = np.random.default_rng(case["seed"]).standard_normal((case["n"], c, case["h"], case["w"]))
+    plain = im2col(x, k, k, s, p)                                    # columns (c, i, j)
+    oh, ow = (case["h"] + 2 * p - k) // s + 1, (case["w"] + 2 * p - k) // s + 1
+    expected = plain.reshape(-1, c, k, k).transpose(0, 2, 3, 1).reshape(plain.shape)
+    col = np.full(plain.shape, np.nan)
+    kernel = cpu.im2col_nhwc_serial if serial else cpu.im2col_nhwc
+    kernel(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), k, s, p, oh, ow, col)
+    np.testing.assert_array_equal(col, expected)
+
+
 @given(conv_case(), st.sampled_from([np.float32, np.float64]))
 def test_conv2d_matches_naive_loops(case, dtype):
     rng = np.random.default_rng(case["seed"])

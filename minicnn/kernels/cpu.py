@@ -71,11 +71,46 @@ def _im2col_row(x, k, s, p, oh, ow, col, r):
                         col[row, base + ci] = 0
 
 
+@njit(inline="always")
+def _inside(n_out, s, off, size):
+    """The outputs lo..hi-1 whose input position o*s + off lies in [0, size)."""
+    lo = 0 if off >= 0 else (-off + s - 1) // s
+    hi = min(n_out, (size - 1 - off) // s + 1) if size - 1 - off >= 0 else 0
+    return lo, max(lo, hi)
+
+
+@njit(inline="always")
+def _im2col_row_few_channels(x, k, s, p, oh, ow, col, r):
+    """:func:`_im2col_row` for inputs of 1-3 channels, column by column of col: the inner loop
+    runs along the output row (no bounds test inside it), not over 1-3 channels. For the first
+    layer's one channel: 0.66 ms against 2.03 ms at batch 64."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    ni, y = r // oh, r % oh
+    r0 = r * ow
+    for i in range(k):
+        yy = y * s + i - p
+        for j in range(k):
+            lo, hi = _inside(ow, s, j - p, w)
+            if yy < 0 or yy >= h:
+                lo, hi = 0, 0
+            for ci in range(c):
+                q = (i * k + j) * c + ci
+                for xo in range(lo):
+                    col[r0 + xo, q] = 0
+                for xo in range(lo, hi):
+                    col[r0 + xo, q] = x[ni, yy, xo * s + j - p, ci]
+                for xo in range(hi, ow):
+                    col[r0 + xo, q] = 0
+
+
 @njit(**_opts)
 def im2col_nhwc(x, k, s, p, oh, ow, col):
     """col[(n, y, x), (i, j, c)] = x_pad[n, y*s + i, x*s + j, c] (zero outside the image)."""
     for r in prange(x.shape[0] * oh):
-        _im2col_row(x, k, s, p, oh, ow, col, r)
+        if x.shape[3] <= 3:
+            _im2col_row_few_channels(x, k, s, p, oh, ow, col, r)
+        else:
+            _im2col_row(x, k, s, p, oh, ow, col, r)
     return col
 
 
@@ -83,7 +118,10 @@ def im2col_nhwc(x, k, s, p, oh, ow, col):
 def im2col_nhwc_serial(x, k, s, p, oh, ow, col):
     """:func:`im2col_nhwc` without threads (for the inference pipeline's worker threads)."""
     for r in range(x.shape[0] * oh):
-        _im2col_row(x, k, s, p, oh, ow, col, r)
+        if x.shape[3] <= 3:
+            _im2col_row_few_channels(x, k, s, p, oh, ow, col, r)
+        else:
+            _im2col_row(x, k, s, p, oh, ow, col, r)
     return col
 
 
