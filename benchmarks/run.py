@@ -14,7 +14,9 @@ CUDA (eager).
 The GPU rows also give their ratio to PyTorch CUDA and the time one FER2013
 epoch (28,709 images) would take at their rate. Each backend runs in a worker
 process of its own (as its users run it: no shared thread pools), and the
-workers take turns, one step each, so drift in the machine's speed hits all
+workers take turns, one timed step each (after one untimed step of the same job:
+a step as in training, where steps run back to back; ``--cold`` times the first
+step after the wait instead), so drift in the machine's speed hits all
 alike; the table quotes medians after warm-up, ratios to PyTorch, and the
 fraction of the GEMM bound (the step's FLOPs at the sgemm rate measured in the same run). Writes
 ``results/benchmark-<date>.json``, ``results/latest.json`` and a PNG chart.
@@ -370,8 +372,11 @@ def _worker(conn, name):
             elif msg[0] == "layer":
                 jobs = backend.layer_jobs(msg[1], msg[2])
                 reply = list(jobs)
-            elif msg[0] == "run":
+            elif msg[0] == "run":                    # ("run", job, timed runs[, untimed runs first])
                 fn, times = jobs[msg[1]], []
+                for _ in range(msg[3] if len(msg) > 3 else 0):
+                    fn()
+                backend.sync()
                 for _ in range(msg[2]):
                     backend.sync()
                     t0 = time.perf_counter()
@@ -386,9 +391,17 @@ def _worker(conn, name):
             conn.send(("error", traceback.format_exc()))
 
 
-def time_interleaved(workers, jobs, warmup, repeats):
+def time_interleaved(workers, jobs, warmup, repeats, steady=True):
     """jobs: {backend: [job names]} prepared in ``workers``; each job runs ``warmup`` times, then
-    once per round, backends and jobs in turn; returns {(backend, job): [seconds]}."""
+    once per round, backends and jobs in turn; returns {(backend, job): [seconds]}.
+
+    ``steady``: each timed run follows one untimed run of the same job, so it is a step as in
+    training, where steps run back to back. A worker has sat idle while the others ran (about a
+    second per round), and on the 2-core test machine (a virtual machine: idle cores are halted,
+    and waking a thread on one is slow) the first step after such a pause ran 10-40% slower, for
+    both libraries: training at batch 64 after 0.5 s asleep, 118 ms against 86 back to back
+    (minicnn, whose step hands work between threads a few hundred times) and 110 against 94-101
+    (PyTorch). False: time that first step (``--cold``)."""
     for name, names in jobs.items():
         for job in names:
             workers.ask(name, "run", job, warmup)
@@ -396,7 +409,7 @@ def time_interleaved(workers, jobs, warmup, repeats):
     for _ in range(repeats):
         for name, names in jobs.items():
             for job in names:
-                times[(name, job)] += workers.ask(name, "run", job, 1)
+                times[(name, job)] += workers.ask(name, "run", job, 1, 1 if steady else 0)
     return times
 
 
@@ -442,13 +455,13 @@ def cold_start_seconds():
     return _number_from_fresh_process(code)
 
 
-def layer_benchmarks(workers, batch, warmup, repeats):
+def layer_benchmarks(workers, batch, warmup, repeats, steady=True):
     """Forward and backward of each layer of the network at its real input shape."""
     rows = []
     for lname in LAYERS:
         jobs = {name: workers.ask(name, "layer", lname, batch) for name in workers.available}
         jobs = {name: names for name, names in jobs.items() if names}
-        times = time_interleaved(workers, jobs, warmup, repeats)
+        times = time_interleaved(workers, jobs, warmup, repeats, steady)
         for (bname, what), ts in times.items():
             rows.append(dict(layer=lname, backend=bname, what=what, batch=batch,
                              median_ms=1e3 * float(np.median(ts))))
@@ -518,12 +531,12 @@ def machine_info(workers):
 
 
 def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, backends=None, out=RESULTS,
-        chart=True, prefix=""):
+        chart=True, prefix="", steady=True):
     """Run the suite; ``backends``: names or Backend objects (default: all that are available);
     files are written as ``<prefix>latest.json`` etc."""
     names = [getattr(b, "name", b) for b in (backends or all_backends())]
     with Workers(names) as workers:
-        report = _run(workers, batch_sizes, repeats, warmup, layers)
+        report = _run(workers, batch_sizes, repeats, warmup, layers, steady)
         report["machine"] = machine_info(workers)
     if memory:
         report["peak_memory_mb"] = {name: peak_memory_mb(name, batch_sizes[0])
@@ -542,12 +555,12 @@ def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, b
     return report
 
 
-def _run(workers, batch_sizes, repeats, warmup, layers):
+def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
     gemm_before = sgemm_rate()
     results = []
     for batch in batch_sizes:
         jobs = {name: workers.ask(name, "model", batch) for name in workers.available}
-        times = time_interleaved(workers, jobs, warmup, repeats)
+        times = time_interleaved(workers, jobs, warmup, repeats, steady)
         for (name, what), ts in times.items():
             med = float(np.median(ts))
             results.append(dict(backend=name, what=what, batch=batch, median_ms=1e3 * med,
@@ -570,9 +583,9 @@ def _run(workers, batch_sizes, repeats, warmup, layers):
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                   command="python -m benchmarks " + " ".join(sys.argv[1:]),
                   sgemm_gflops=gemm, train_flop_per_image=TRAIN_FLOP, forward_flop_per_image=FORWARD_FLOP,
-                  results=results)
+                  steady=steady, results=results)
     if layers:
-        report["layers"] = layer_benchmarks(workers, batch_sizes[0], warmup, repeats)
+        report["layers"] = layer_benchmarks(workers, batch_sizes[0], warmup, repeats, steady)
     return report
 
 
@@ -589,6 +602,9 @@ def main(argv=None):
                    help="names to run (default: all available): " + ", ".join(b.name for b in all_backends()))
     p.add_argument("--no-layers", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--cold", action="store_true",
+                   help="time each backend's first step after its idle wait (default: a steady step, one "
+                        "untimed step of the same job before each timed one; see time_interleaved)")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default: benchmarks/results)")
     args = p.parse_args(argv)
     batches = args.batch_sizes or ([64] if args.quick else [64, 256, 1024] if args.gpu else [64, 128])
@@ -604,7 +620,7 @@ def main(argv=None):
     light = args.quick or args.gpu
     report = run(batches, repeats, args.warmup, layers=not (light or args.no_layers),
                  memory=not (light or args.no_memory), backends=backends, out=args.out,
-                 prefix="gpu-" if args.gpu else "")
+                 prefix="gpu-" if args.gpu else "", steady=not args.cold)
     m = report["machine"]
     print(f"minicnn {m['minicnn']} | {m.get('cpu', '?')}, {m['cpus']} cores | numpy {m['numpy']}"
           f" | torch {m.get('torch', '-')} | {report['date']}")

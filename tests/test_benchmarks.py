@@ -36,6 +36,25 @@ def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
     assert "minicnn-fast" in table and "images/s" in table
 
 
+@pytest.mark.parametrize("steady", [True, False])
+def test_each_timed_step_follows_an_untimed_one_unless_cold(steady):
+    class Workers:
+        def __init__(self):
+            self.asked = []
+
+        def ask(self, name, *msg):
+            self.asked.append((name,) + msg)
+            return [0.001] * msg[2]
+    workers = Workers()
+    times = bench.time_interleaved(workers, {"a": ["train"], "b": ["train", "infer"]}, warmup=2, repeats=3,
+                                   steady=steady)
+    assert all(len(ts) == 3 for ts in times.values())
+    rounds = [m for m in workers.asked if m[3] == 1]
+    assert len(rounds) == 9                                     # 3 rounds x 3 jobs, in turn
+    assert [m[:3] for m in rounds[:3]] == [("a", "run", "train"), ("b", "run", "train"), ("b", "run", "infer")]
+    assert all(m[4] == (1 if steady else 0) for m in rounds)   # untimed runs of the same job first
+
+
 def test_cli_rejects_unknown_backends():
     with pytest.raises(SystemExit):
         bench.main(["--backends", "nope", "--out", ""])
