@@ -233,27 +233,23 @@ def gradient_transform(g, th, tw, e):
                 for s in range(2):                      # the rows of each of the tile's 2 columns
                     g0 = g[ni, y0, x0 + s] if x0 + s < ow else zero
                     g1 = g[ni, y0 + 1, x0 + s] if x0 + s < ow and y0 + 1 < oh else zero
-                    r0, r1, r2, r3 = r[0, s], r[1, s], r[2, s], r[3, s]
-                    for o in range(oc):
-                        r0[o] = g0[o]
-                    for o in range(oc):
-                        r1[o] = g0[o] + g1[o]
-                    for o in range(oc):
-                        r2[o] = g0[o] - g1[o]
-                    for o in range(oc):
-                        r3[o] = -g1[o]
+                    _times_a(g0, g1, r[0, s], r[1, s], r[2, s], r[3, s])
                 for a in range(4):                      # ... then the columns of each row
-                    c0, c1 = r[a, 0], r[a, 1]
-                    e0, e1, e2, e3 = e[4 * a, t], e[4 * a + 1, t], e[4 * a + 2, t], e[4 * a + 3, t]
-                    for o in range(oc):
-                        e0[o] = c0[o]
-                    for o in range(oc):
-                        e1[o] = c0[o] + c1[o]
-                    for o in range(oc):
-                        e2[o] = c0[o] - c1[o]
-                    for o in range(oc):
-                        e3[o] = -c1[o]
+                    _times_a(r[a, 0], r[a, 1], e[4 * a, t], e[4 * a + 1, t], e[4 * a + 2, t], e[4 * a + 3, t])
     return e
+
+
+@njit(inline="always")
+def _times_a(p0, p1, q0, q1, q2, q3):
+    """(q0, q1, q2, q3) = A (p0, p1) = (p0, p0 + p1, p0 - p1, -p1), channel by channel (4 runs)."""
+    for o in range(p0.shape[0]):
+        q0[o] = p0[o]
+    for o in range(p0.shape[0]):
+        q1[o] = p0[o] + p1[o]
+    for o in range(p0.shape[0]):
+        q2[o] = p0[o] - p1[o]
+    for o in range(p0.shape[0]):
+        q3[o] = -p1[o]
 
 
 def weight_grad_sums(x, g, padding):
