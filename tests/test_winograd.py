@@ -126,6 +126,9 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
                 # at batch 8, conv4's 8 x 9 = 72 tiles are too few to pay for its filters' transforms
                 assert not steps[3]._winograd(steps[3].conv.output_shape((8, 128, 6, 6)))
                 assert steps[2]._winograd(steps[2].conv.output_shape((8, 64, 12, 12)))
-        results[fast] = [out] + [p.grad for p in model.parameters()]
+        model.eval()
+        with fast_kernels(fast), minicnn.no_grad():       # inference: chunks that keep nothing
+            logits = model(x)
+        results[fast] = [out, logits] + [p.grad for p in model.parameters()]
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5)
