@@ -5,6 +5,7 @@
 # gpu-<date>.json and gpu-latest.png.
 #
 #     sh benchmarks/gpu_check.sh                 # or: OUT=/tmp/out PYTHON=python3.12 sh benchmarks/gpu_check.sh
+#     TEST_TIMEOUT=200 BENCH_TIMEOUT=200 sh benchmarks/gpu_check.sh      # tighter limits (seconds)
 #
 # Budget: under 10 minutes in all (the tests get 5, the benchmark 4; its CPU rows compile minicnn's
 # numba kernels first, some 15 s), so that it fits one call of a lent machine.
@@ -52,6 +53,6 @@ PY
 
 # Every test case that runs on CuPy: the backend-parametrised gradient checks and PyTorch parity
 # tests (plain path and CUDA kernels), the kernels, CUDA graphs, training and the benchmark's GPU rows.
-timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cupy" --maxfail=20 -rs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -k "cupy" --maxfail=20 -rs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 
-timeout 240 $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
+timeout ${BENCH_TIMEOUT:-240} $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
