@@ -111,7 +111,12 @@ class MinicnnBackend(Backend):
         self.name, self.device, self.fast, self.graph, self.tf32 = name, device, fast, graph, tf32
 
     def available(self):
-        return self.device == "cpu" or gpu_available()
+        if self.device == "cpu":
+            return True
+        if not gpu_available():
+            return False
+        from minicnn.kernels import gpu
+        return not self.graph or gpu.cublas_capturable()     # (CuPy 14.2 cannot capture cuBLAS calls)
 
     def setup(self):
         if self.tf32:            # CuPy reads it at its first float32 matrix product (this worker's own)

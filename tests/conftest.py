@@ -106,3 +106,20 @@ def torch_emotion_classifier(num_classes=7):
             return self.classifier(self.features(x))
 
     return EmotionClassifier(num_classes)
+
+
+@pytest.fixture
+def capturable_cublas(gpu):
+    """For tests of the CUDA-graph step: on the emulator, let captures record cuBLAS calls (real CuPy
+    14.2 refuses them, and so does the emulator by default); on a GPU whose CuPy refuses them, skip."""
+    from minicnn.kernels import gpu as gpu_module
+    if minicnn.backend._cupy is cupy_emulator:
+        cupy_emulator.CUBLAS_IN_CAPTURE = True
+        gpu_module._cublas_capturable.clear()
+        yield
+        cupy_emulator.CUBLAS_IN_CAPTURE = False
+        gpu_module._cublas_capturable.clear()
+    elif not gpu_module.cublas_capturable():
+        pytest.skip("this CuPy refuses cuBLAS calls during stream capture: no CUDA-graph steps")
+    else:
+        yield

@@ -41,8 +41,19 @@ import types
 
 import numpy as _np
 
+__version__ = "emulated"
 launches = 0
 by_name = collections.Counter()      # what the launches were
+# Real CuPy (14.2 on an H200, and every version since stream capture came in) refuses cuBLAS calls --
+# the matrix products -- while a stream is captured. The emulator does too; a test that wants the
+# rest of the CUDA-graph machinery checked can let it record them (``CUBLAS_IN_CAPTURE = True``).
+CUBLAS_IN_CAPTURE = False
+_CUBLAS = ("matmul", "dot", "tensordot", "inner", "vdot")
+
+
+def _cublas_call(name):
+    if name in _CUBLAS and _capturing() and not CUBLAS_IN_CAPTURE:
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
 _recording = None                    # the operations of a stream capture in progress
 _captured_arrays = None              # arrays made during the capture (poisoned when it ends)
 _capturing_thread = None             # capture is per stream, and CuPy's current stream per thread
@@ -124,6 +135,7 @@ class ndarray:
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _cublas_call(ufunc.__name__)
         args = _unwrap(inputs, strict=True)
         _count(ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}")
         if "out" in kwargs:
@@ -319,6 +331,7 @@ _ALLOCATE_ONLY = ("empty", "empty_like")
 
 def _function(name, f):
     def wrapped(*args, **kwargs):
+        _cublas_call(name)
         uargs, ukw = _unwrap(args, strict=True), _unwrap_kw(kwargs)
         if name in _ALLOCATE_ONLY:                 # memory, no launch: garbage until written
             result = f(*uargs, **ukw)

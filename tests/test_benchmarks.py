@@ -72,10 +72,31 @@ def test_a_failing_worker_is_reported_with_its_name_and_reason():
 
 
 def test_gpu_backends_run_their_steps_and_the_table_shows_gpu_ratios(gpu):
-    """The GPU backends' steps (plain, kernels, CUDA graph) run in-process on the GPU or its emulator;
+    """The GPU backends' steps (plain, kernels) run in-process on the GPU or its emulator;
     the table gains the PyTorch-CUDA ratio and the FER2013 epoch time (numbers here are made up)."""
+    _run_gpu_backends(("minicnn-cupy-plain", "minicnn-cupy"))
+    results = [dict(backend=b, what="train", batch=256, median_ms=ms, images_per_s=256 / ms * 1e3)
+               for b, ms in (("minicnn-cupy-graph", 2.0), ("torch-cuda", 2.5))]
+    results[0]["ratio_torch_cuda"] = 0.8
+    table = bench.format_table(results, 100.0)
+    assert "vs torch-cuda" in table and "0.80x" in table and f"{28709 / 128000:.1f} s" in table
+
+
+def test_the_cuda_graph_backend_runs_its_steps(gpu, capturable_cublas):
+    _run_gpu_backends(("minicnn-cupy-graph",))
+
+
+def test_the_cuda_graph_backend_is_unavailable_where_cupy_cannot_capture_cublas(gpu):
+    from minicnn.kernels import gpu as gpu_kernels_module
+    backend = next(b for b in bench.all_backends() if b.name == "minicnn-cupy-graph")
+    gpu_kernels_module._cublas_capturable.clear()
+    assert backend.available() == gpu_kernels_module.cublas_capturable()
+    assert backend.available() is False or __import__("minicnn").backend.gpu_module().__version__ != "emulated"
+
+
+def _run_gpu_backends(names):
     from minicnn.backend import to_numpy
-    for name in ("minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph"):
+    for name in names:
         backend = next(b for b in bench.all_backends() if b.name == name)
         train, infer = backend.prepare(4)
         for _ in range(4):                          # graph: 2 eager warm-up steps, capture, replay
@@ -83,8 +104,3 @@ def test_gpu_backends_run_their_steps_and_the_table_shows_gpu_ratios(gpu):
         backend.sync()
         assert to_numpy(infer()).shape == (4, 7)
         assert backend.info()["gpu_name"]
-    results = [dict(backend=b, what="train", batch=256, median_ms=ms, images_per_s=256 / ms * 1e3)
-               for b, ms in (("minicnn-cupy-graph", 2.0), ("torch-cuda", 2.5))]
-    results[0]["ratio_torch_cuda"] = 0.8
-    table = bench.format_table(results, 100.0)
-    assert "vs torch-cuda" in table and "0.80x" in table and f"{28709 / 128000:.1f} s" in table

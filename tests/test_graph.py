@@ -58,7 +58,7 @@ def _train(batches, graph, reload_at=None, optimizer="sgd"):
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_replayed_steps_equal_eager_steps(gpu, optimizer):
+def test_replayed_steps_equal_eager_steps(gpu, capturable_cublas, optimizer):
     batches = _batches(7)
     want_state, want_losses, _, want_opt = _train(batches, graph=False, optimizer=optimizer)
     got_state, got_losses, step, got_opt = _train(batches, graph=True, optimizer=optimizer)
@@ -70,7 +70,7 @@ def test_replayed_steps_equal_eager_steps(gpu, optimizer):
         assert_same(got_state[k], v, k)
 
 
-def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu):
+def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu, capturable_cublas):
     batches = _batches(6)
     batches[3] = _batches(1, batch=4, seed=9)[0]    # a short batch in the middle
     want_state, want_losses, _, _ = _train(batches, graph=False, reload_at=4)
@@ -81,7 +81,7 @@ def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu):
         assert_same(got_state[k], v, k)
 
 
-def test_graph_step_refuses_what_it_cannot_replay(gpu):
+def test_graph_step_refuses_what_it_cannot_replay(gpu, capturable_cublas):
     model, opt, crit = _setup()
     with pytest.raises(ValueError, match="on the GPU"):
         CudaGraphStep(EmotionClassifier(), crit, SGD(EmotionClassifier().parameters(), lr=0.1, momentum=0.9))
@@ -138,7 +138,7 @@ def _stop_after(trainer, k):
     trainer.train_loader.epoch = batches
 
 
-def test_trainer_with_cuda_graphs_equals_eager_training_and_resumes_exactly(gpu, tmp_path):
+def test_trainer_with_cuda_graphs_equals_eager_training_and_resumes_exactly(gpu, capturable_cublas, tmp_path):
     from test_training import tiny_data, tiny_recipe, weights
     from minicnn.training import Trainer
     quiet = dict(progress=False, log=lambda m: None, device=gpu)
@@ -177,8 +177,11 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
     """The replay-equals-eager test can fail: break one of the step's graph-safety measures and the
     emulated replays drift from eager steps."""
     import minicnn.backend as backend
+    from minicnn.kernels import gpu as gpu_kernels_module
     from minicnn.nn import BatchNorm2d, Dropout
     monkeypatch.setattr(backend, "_cupy", cupy_emulator)
+    monkeypatch.setattr(cupy_emulator, "CUBLAS_IN_CAPTURE", True)      # (see the capturable_cublas fixture)
+    monkeypatch.setattr(gpu_kernels_module, "_cublas_capturable", {})
     if mutation == "frozen learning rate":         # copied to the device for the capture, never again
         copy_to_device, calls = SGD._before_graph_replay, []
 
@@ -203,7 +206,7 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
     assert differs
 
 
-def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu):
+def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu, capturable_cublas):
     from minicnn.kernels import gpu_kernels
     model, opt, crit = _setup()
     step = CudaGraphStep(model, crit, opt, warmup=1)
@@ -223,3 +226,22 @@ def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu
     assert not gpu_kernels().capturing() and step._graph is None
     loss, _ = step(x, y)                            # captured again, this time whole, and replayed
     assert step.replays == 1 and np.isfinite(float(loss))
+
+
+def test_a_cupy_that_refuses_cublas_in_capture_gets_a_clear_error_before_anything_runs(gpu):
+    """CuPy 14.2 on an H200 refused every cuBLAS call in a capture ("calling cuBLAS API during
+    stream capture is currently unsupported"): the step says so when it is made, not mid-training."""
+    from minicnn.kernels import gpu as gpu_kernels_module
+    from minicnn.training import Trainer
+    if minicnn.backend.gpu_module() is not cupy_emulator and gpu_kernels_module.cublas_capturable():
+        pytest.skip("this CuPy can capture cuBLAS calls")
+    gpu_kernels_module._cublas_capturable.clear()
+    model, opt, crit = _setup()
+    before = [p.data.copy() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"CUDA graphs are not available with CuPy .*refuses cuBLAS calls"
+                                           r"(.|\n)*without cuda_graph / --cuda-graph"):
+        CudaGraphStep(model, crit, opt)
+    assert all((p.data == b).all() for p, b in zip(model.parameters(), before))
+    from test_training import tiny_data, tiny_recipe
+    with pytest.raises(RuntimeError, match="CUDA graphs are not available"):
+        Trainer(tiny_data(), tiny_recipe(), device=gpu, cuda_graph=True, progress=False, log=lambda m: None)

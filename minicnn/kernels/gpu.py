@@ -97,6 +97,32 @@ def capture_scope():
         _capturing = False
 
 
+_cublas_capturable = {}
+
+
+def cublas_capturable():
+    """True when CuPy lets a stream capture record cuBLAS calls (matrix products). CuPy 14.2 does not
+    ("calling cuBLAS API during stream capture is currently unsupported"), so a training step, whose
+    convolutions and linear layers are cuBLAS products, cannot become a CUDA graph. Tried once, on a
+    2x2 product in a capture of its own."""
+    cp = gpu_module()
+    key = getattr(cp, "__version__", "?")
+    if key not in _cublas_capturable:
+        a = cp.ones((2, 2), dtype=cp.float32)
+        pool, stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
+        ok = True
+        with cp.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                a @ a
+            except NotImplementedError:
+                ok = False
+            finally:
+                stream.end_capture()
+        _cublas_capturable[key] = ok
+    return _cublas_capturable[key]
+
+
 def tf32_enabled():
     """True when CuPy lets cuBLAS use TF32 tensor cores for float32 products (CUPY_TF32=1)."""
     return os.environ.get("CUPY_TF32", "0") not in ("", "0")

@@ -36,7 +36,16 @@ from ..kernels import fast_kernels_enabled, gpu_kernels
 from ..optim import SGD, Adam, AdamW
 from .trainer import train_step
 
-__all__ = ["CudaGraphStep"]
+__all__ = ["CudaGraphStep", "check_cuda_graphs_possible"]
+
+
+def check_cuda_graphs_possible():
+    """A clear error where this CuPy cannot capture a training step (see gpu.cublas_capturable)."""
+    if not gpu_kernels().cublas_capturable():
+        raise RuntimeError(f"CUDA graphs are not available with CuPy {gpu_module().__version__}: it refuses "
+                           "cuBLAS calls (the matrix products of every convolution and linear layer) while "
+                           "a stream is captured. Train without cuda_graph / --cuda-graph: the GPU kernels "
+                           "run all the same, one launch at a time.")
 
 
 class CudaGraphStep:
@@ -50,6 +59,7 @@ class CudaGraphStep:
             raise ValueError(f"a CUDA graph step supports SGD with momentum, Adam and AdamW (their kernels read the "
                              f"learning rate from device memory), not {type(optimizer).__name__}"
                              f"{'' if type(optimizer) is not SGD else ' without momentum'}")
+        check_cuda_graphs_possible()
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.clip_grad_norm, self.warmup = float(clip_grad_norm), int(warmup)
         self.replays = self.eager_steps = 0
