@@ -39,6 +39,20 @@ def _pair_int(v, name):
     return int(v)
 
 
+def _sums_by_image_groups(d, col, n):
+    """(sum of d's rows, d^T col) on a GPU, summed over groups of images.
+
+    Both contract over all N*OH*OW rows into a small result ((OC,) and (OC, C*K*K)). As one
+    product, cuBLAS gives the small result one tile, and a handful of the GPU's multiprocessors
+    work through millions of rows: conv1's backward took 56 ms of a 108 ms step at batch 1024 on an
+    H200. Split into up to 128 groups of whole images, it is one batched product with a tile per
+    group, and a sum over the groups."""
+    groups = max(g for g in range(1, min(n, 128) + 1) if n % g == 0)
+    dg = d.reshape(groups, -1, d.shape[1])                             # (G, rows per group, OC)
+    dw = (dg.transpose(0, 2, 1) @ col.reshape(groups, -1, col.shape[1])).sum(axis=0)
+    return dg.sum(axis=1).sum(axis=0), dw
+
+
 class Conv2d(Module):
     """2-D convolution (cross-correlation) over (N, C, H, W) inputs, square kernels."""
 
@@ -103,9 +117,13 @@ class Conv2d(Module):
         k, s, p = self.kernel_size, self.stride, self.padding
         d = dout.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)   # (N*OH*OW, OC)
         w_mat = self.weight.data.reshape(self.out_channels, -1)
+        if gpu_path(d):
+            db, dw = _sums_by_image_groups(d, col, x_shape[0])
+        else:
+            db, dw = d.sum(axis=0), d.T @ col
         if self.bias is not None:
-            self.bias.accumulate_grad(d.sum(axis=0))
-        self.weight.accumulate_grad((d.T @ col).reshape(self.weight.shape))
+            self.bias.accumulate_grad(db)
+        self.weight.accumulate_grad(dw.reshape(self.weight.shape))
         if not input_grad:
             return None
         dcol = d @ w_mat                                               # (N*OH*OW, C*K*K)
