@@ -228,7 +228,7 @@ def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu
     assert step.replays == 1 and np.isfinite(float(loss))
 
 
-def test_a_cupy_that_refuses_cublas_in_capture_gets_a_clear_error_before_anything_runs(gpu):
+def test_a_cupy_that_refuses_cublas_in_capture_gets_a_clear_error_before_anything_runs(gpu, tmp_path, capsys):
     """CuPy 14.2 on an H200 refused every cuBLAS call in a capture ("calling cuBLAS API during
     stream capture is currently unsupported"): the step says so when it is made, not mid-training."""
     from minicnn.kernels import gpu as gpu_kernels_module
@@ -245,3 +245,8 @@ def test_a_cupy_that_refuses_cublas_in_capture_gets_a_clear_error_before_anythin
     from test_training import tiny_data, tiny_recipe
     with pytest.raises(RuntimeError, match="CUDA graphs are not available"):
         Trainer(tiny_data(), tiny_recipe(), device=gpu, cuda_graph=True, progress=False, log=lambda m: None)
+    if gpu == "gpu" and minicnn.backend.gpu_module() is cupy_emulator:
+        from minicnn.cli import main as cli
+        assert cli(["train", "--device", "gpu", "--cuda-graph", "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+        assert "minicnn: error: CUDA graphs are not available" in capsys.readouterr().err
+        assert not (tmp_path / "r" / "last.npz").exists()

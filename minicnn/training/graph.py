@@ -30,7 +30,7 @@ stream).
 """
 import numpy as np
 
-from ..backend import device_of, gpu_module, to_device
+from ..backend import DeviceError, device_of, gpu_module, to_device
 from ..nn.loss import check_labels
 from ..kernels import fast_kernels_enabled, gpu_kernels
 from ..optim import SGD, Adam, AdamW
@@ -40,9 +40,10 @@ __all__ = ["CudaGraphStep", "check_cuda_graphs_possible"]
 
 
 def check_cuda_graphs_possible():
-    """A clear error where this CuPy cannot capture a training step (see gpu.cublas_capturable)."""
+    """A clear error (DeviceError: the command line prints it without a traceback) where this CuPy
+    cannot capture a training step (see gpu.cublas_capturable)."""
     if not gpu_kernels().cublas_capturable():
-        raise RuntimeError(f"CUDA graphs are not available with CuPy {gpu_module().__version__}: it refuses "
+        raise DeviceError(f"CUDA graphs are not available with CuPy {gpu_module().__version__}: it refuses "
                            "cuBLAS calls (the matrix products of every convolution and linear layer) while "
                            "a stream is captured. Train without cuda_graph / --cuda-graph: the GPU kernels "
                            "run all the same, one launch at a time.")
