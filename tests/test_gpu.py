@@ -66,6 +66,30 @@ def test_im2col_and_col2im_kernels_match_the_plain_path(gpu, shape, dtype):
     np.testing.assert_allclose(to_numpy(dx), col2im(dcol, x.shape, k, k, s, p), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("values_per_slice, max_slices, slices", [(512, 4096, 1), (3, 10**6, 35), (1, 10**6, 105),
+                                                                   (1, 8, 8)])
+def test_batchnorm_sums_are_the_same_however_many_slices(gpu, values_per_slice, max_slices, slices, monkeypatch):
+    """The statistics and the backward's two sums, split over 1 to ~N*H*W/3 partial sums per channel
+    (the slice count grows with the batch: a few values per thread is how a GPU fills up)."""
+    from minicnn.kernels import gpu as gpu_module
+    monkeypatch.setattr(gpu_module, "MIN_SLICES", 1)
+    monkeypatch.setattr(gpu_module, "VALUES_PER_SLICE", values_per_slice)
+    monkeypatch.setattr(gpu_module, "MAX_SLICES", max_slices)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 2, 5, 7)) * 3 + 10).astype(np.float64)
+    g = rng.standard_normal(x.shape)
+    cp = minicnn.backend.gpu_module()
+    rm, rv, nbt = cp.zeros(2), cp.ones(2), to_device(np.array([1], np.int64), gpu)
+    mean, inv_std = gpu_kernels().batchnorm_statistics(to_device(x, gpu), rm, rv, nbt, 0.1, 1e-5)
+    np.testing.assert_allclose(to_numpy(mean), x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(inv_std), 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-10)
+    xhat = (x - x.mean(axis=(0, 2, 3), keepdims=True)) / x.std(axis=(0, 2, 3), keepdims=True)
+    s1, s2 = gpu_kernels().batchnorm_grad_sums(to_device(g, gpu), to_device(xhat, gpu))
+    np.testing.assert_allclose(to_numpy(s1), g.sum(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(s2), (g * xhat).sum(axis=(0, 2, 3)), rtol=1e-12)
+    assert gpu_module._slices(x) == slices
+
+
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4),
        st.integers(1, 3), st.booleans())
 def test_maxpool_kernels_match_the_naive_loops(gpu, n, c, h, w, k, s, ties):
