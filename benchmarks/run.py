@@ -381,7 +381,6 @@ def _worker(conn, name):
                 fn, times = jobs[msg[1]], []
                 for _ in range(msg[3] if len(msg) > 3 else 0):
                     fn()
-                backend.sync()
                 for _ in range(msg[2]):
                     backend.sync()
                     t0 = time.perf_counter()

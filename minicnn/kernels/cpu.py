@@ -103,14 +103,20 @@ def _im2col_row_few_channels(x, k, s, p, oh, ow, col, r):
                     col[r0 + xo, q] = 0
 
 
+@njit(inline="always")
+def _im2col_rows(x, k, s, p, oh, ow, col, r):
+    """The OW rows of col for output row r, by the loop that suits x's channel count."""
+    if x.shape[3] <= 3:
+        _im2col_row_few_channels(x, k, s, p, oh, ow, col, r)
+    else:
+        _im2col_row(x, k, s, p, oh, ow, col, r)
+
+
 @njit(**_opts)
 def im2col_nhwc(x, k, s, p, oh, ow, col):
     """col[(n, y, x), (i, j, c)] = x_pad[n, y*s + i, x*s + j, c] (zero outside the image)."""
     for r in prange(x.shape[0] * oh):
-        if x.shape[3] <= 3:
-            _im2col_row_few_channels(x, k, s, p, oh, ow, col, r)
-        else:
-            _im2col_row(x, k, s, p, oh, ow, col, r)
+        _im2col_rows(x, k, s, p, oh, ow, col, r)
     return col
 
 
@@ -118,10 +124,7 @@ def im2col_nhwc(x, k, s, p, oh, ow, col):
 def im2col_nhwc_serial(x, k, s, p, oh, ow, col):
     """:func:`im2col_nhwc` without threads (for the inference pipeline's worker threads)."""
     for r in range(x.shape[0] * oh):
-        if x.shape[3] <= 3:
-            _im2col_row_few_channels(x, k, s, p, oh, ow, col, r)
-        else:
-            _im2col_row(x, k, s, p, oh, ow, col, r)
+        _im2col_rows(x, k, s, p, oh, ow, col, r)
     return col
 
 

@@ -255,7 +255,7 @@ def batchnorm_backward(g, xhat, gamma, inv_std, sum_g, sum_g_xhat, training, y=N
 def dropout(x, p, seed):
     """x * mask / (1 - p) with mask_i = [hash(seed, i) >= p]: the same seed gives the same mask,
     so backward calls this on dL/dout with the forward's seed. ``seed``: a one-element uint64 device
-    array (see :func:`device_values`)."""
+    array (see :class:`DeviceValues`)."""
     cp = gpu_module()
     x = _contiguous(x)
     out = cp.empty_like(x)

@@ -22,7 +22,7 @@ tile position (a, b), so the BLAS still does the work::
 The input gradient of a stride-1 convolution is itself a convolution of dL/dY with the
 filters rotated by 180 degrees and in/out channels swapped, padding k - 1 - p
 (``filter_transform(w, for_input_grad=True)``), so it takes the same route. The weight
-gradient stays im2col's ``col^T @ dL/dY``.
+gradient is the same algorithm transposed, F(3x3, 2x2) (:func:`weight_grad_sums`, below).
 
 The transforms add a few roundings (the 1/2s are exact; the sums are not), so results differ
 from im2col's in the last bits of float32, well inside the tests' tolerances. The kernels are
@@ -38,6 +38,8 @@ from . import workspace
 __all__ = ["applies", "filter_transform", "conv3x3", "weight_grad_sums", "weight_grad_columns"]
 
 _opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_GG = np.kron(_G, _G)          # (16, 9): row 4a + b, column 3i + j: G[a, i] G[b, j]
 
 
 def applies(kernel_size, stride, padding):
@@ -106,9 +108,13 @@ def tiles(oh, ow):
 
 @njit(**_opts)
 def _pad(x, p, th, tw, xp):
-    """xp = x with p zeros above/left and enough below/right for th x tw tiles (each 4x4, stride 2)."""
+    """xp = x with p zeros above/left and enough below/right for th x tw tiles (each 4x4, stride 2).
+    Only the border is zeroed: the copy writes the rest."""
     n, h, w, c = x.shape
-    xp[...] = 0
+    xp[:, :p] = 0
+    xp[:, p + h:] = 0
+    xp[:, p:p + h, :p] = 0
+    xp[:, p:p + h, p + w:] = 0
     for ni in range(n):
         for yy in range(h):
             for xx in range(w):
@@ -267,8 +273,3 @@ def weight_grad_columns(s):
     (Conv2d's weight columns layout): dW[i, j] = sum over (a, b) of G[a, i] G[b, j] S[ab]."""
     c, oc = s.shape[1:]
     return (_GG.T.astype(s.dtype) @ s.reshape(16, c * oc)).reshape(9 * c, oc)
-
-
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-_GG = np.kron(_G, _G)          # (16, 9): row 4a + b, column 3i + j: G[a, i] G[b, j]
-

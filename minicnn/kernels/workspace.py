@@ -34,6 +34,8 @@ MIN_BYTES = 1 << 20
 _lock = threading.Lock()
 _pool = {}          # nbytes -> list of [buffer, last_use]
 _clock = 0
+
+
 def default_limit():
     """A quarter of the machine's physical memory, but at least 1 GiB (1 GiB where it is unknown)."""
     try:

@@ -228,8 +228,9 @@ class ConvBatchNormReLUPool:
         """True when the conv, with output shape (N, OC, OH, OW), takes the Winograd route
         (minicnn/kernels/winograd.py)."""
         conv, (n, _, oh, ow) = self.conv, conv_shape
+        th, tw = winograd.tiles(oh, ow)
         return (self.WINOGRAD and conv.in_channels >= self.WINOGRAD_MIN_CHANNELS
-                and n * ((oh + 1) // 2) * ((ow + 1) // 2) >= self.WINOGRAD_MIN_TILES
+                and n * th * tw >= self.WINOGRAD_MIN_TILES
                 and winograd.applies(conv.kernel_size, conv.stride, conv.padding))
 
     def _conv_chunk(self, x_nhwc, lo, hi, oh, ow, w, out):
@@ -311,8 +312,7 @@ class ConvBatchNormReLUPool:
         sums = {}
 
         def sums_chunk(lo, hi):
-            sums[lo] = cpu.bn_relu_pool_grad_sums_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift,
-                                                                  mean, kp)
+            sums[lo] = cpu.bn_relu_pool_grad_sums_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, mean, kp)
         threads.run_chunks(sums_chunk, n, chunk)
         sums = _in_order(sums)
         a, b, c0, sum_dy = bn._fast_backward_affine(sum(t[0] for t in sums), sum(t[1] for t in sums), mean,
