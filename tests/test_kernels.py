@@ -197,18 +197,23 @@ def test_every_numba_kernel_has_a_python_function_of_its_own():
 
 
 @pytest.mark.parametrize("with_conv", [False, True])
-@pytest.mark.parametrize("gemm_k", [(0, 10**9), (1, 0)])            # chunks on threads / whole
-def test_fused_steps_reject_a_wrong_gradient_shape_and_change_nothing(with_conv, gemm_k, monkeypatch):
+@pytest.mark.parametrize("gemm_k, winograd", [((0, 10**9), False), ((0, 10**9), True), ((1, 0), False)],
+                         ids=["chunks", "chunks-winograd", "whole"])
+def test_fused_steps_reject_a_wrong_gradient_shape_and_change_nothing(with_conv, gemm_k, winograd, monkeypatch):
     from minicnn.kernels import fast_kernels
     from minicnn.nn import BatchNorm2d, ReLU, Sequential
     from minicnn.nn.fused import ConvBatchNormReLUPool
     monkeypatch.setattr(ConvBatchNormReLUPool, "THREADED_GEMM_K", gemm_k)
+    for knob in ("WINOGRAD_MIN_CHANNELS", "WINOGRAD_DW_MIN_CHANNELS", "WINOGRAD_MIN_TILES"):
+        monkeypatch.setattr(ConvBatchNormReLUPool, knob, 1 if winograd else 10**9)
     layers = ([Conv2d(2, 3, 3, padding=1, seed=0)] if with_conv else []) + [BatchNorm2d(3), ReLU(), MaxPool2d(2)]
     net = Sequential(*layers).double()
     x = np.random.default_rng(0).standard_normal((2, 2 if with_conv else 3, 6, 6))
     with fast_kernels(True):
         out = net(x)
         assert out.shape == (2, 3, 3, 3)
+        if with_conv and gemm_k[1]:                                      # chunked: Winograd or not, as set
+            assert (net._last_plan[0]._cache[2] is None) == winograd     # (no weight columns: Winograd)
         with pytest.raises(ValueError, match=r"MaxPool2d.backward expects .*\(2, 3, 3, 3\), got \(2, 3, 3, 4\)"):
             net.backward(np.ones((2, 3, 3, 4)))
     assert all(p.grad is None for p in net.parameters())
