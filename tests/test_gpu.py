@@ -90,6 +90,106 @@ def test_batchnorm_sums_are_the_same_however_many_slices(gpu, values_per_slice, 
     assert gpu_module._slices(x) == slices
 
 
+@given(conv_shapes, st.sampled_from([1, 2, 3, 4, 8]), st.sampled_from([np.float32, np.float64]))
+def test_channels_last_im2col_and_col2im_kernels_match_the_cpu_kernels(gpu, shape, c, dtype):
+    """The conv block's NHWC kernels (4 channels per thread when C allows) against numba's."""
+    from minicnn.kernels import cpu_kernels
+    n, _, h, w, k, s, p = shape
+    cpu, oh, ow = cpu_kernels(), (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    x = np.random.default_rng(0).standard_normal((n, h, w, c)).astype(dtype)
+    col = gpu_kernels().im2col_nhwc(to_device(x, gpu), k, s, p, oh, ow)
+    want = cpu.im2col_nhwc(x, k, s, p, oh, ow, np.empty((n * oh * ow, k * k * c), dtype))
+    np.testing.assert_array_equal(to_numpy(col), want)
+    dcol = np.random.default_rng(1).standard_normal(want.shape).astype(dtype)
+    dx = gpu_kernels().col2im_nhwc(to_device(dcol, gpu), x.shape, k, s, p, oh, ow)
+    want = cpu.col2im_nhwc(dcol, k, s, p, oh, ow, np.empty(x.shape, dtype))
+    np.testing.assert_allclose(to_numpy(dx), want, rtol=1e-6, atol=1e-6)
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(2, 9), st.sampled_from([(3, 1, 1),
+       (1, 1, 0), (3, 2, 0), (5, 1, 2), (2, 2, 1)]), st.sampled_from([2, 3]), st.booleans(), st.booleans(),
+       st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
+def test_fused_conv_block_on_the_gpu_equals_the_four_layers_on_the_cpu(gpu, n, c, oc, hw, conv, k, training, bias,
+                                                                       dtype, seed):
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one channels-last step on the GPU (a ragged
+    floor-mode pooling edge, strides, paddings, C a multiple of 4 or not): the same output, input
+    gradient, parameter gradients and running statistics as the plain layers one by one on the CPU."""
+    from hypothesis import assume
+    from minicnn.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
+    from minicnn.nn.fused import ConvBatchNormReLUPoolGPU
+    ks, stride, pad = conv
+    size = (hw + 2 * pad - ks) // stride + 1
+    assume(size >= k and not (training and n * size * size < 2))
+    x = np.random.default_rng(seed).standard_normal((n, c, hw, hw)).astype(dtype)
+    results = {}
+    for device in ("cpu", gpu):
+        net = Sequential(Conv2d(c, oc, ks, stride=stride, padding=pad, bias=bias, seed=seed), BatchNorm2d(oc),
+                         ReLU(), MaxPool2d(k)).to(dtype=dtype)
+        if bias:
+            net[0].bias.data = np.linspace(-2, 2, oc).astype(dtype)       # large: it must cancel
+        net[1].set_buffer("running_mean", np.linspace(-0.5, 0.5, oc).astype(dtype))
+        net[1].weight.data = np.linspace(0.5, 1.5, oc).astype(dtype)
+        net.train(training).to(device)
+        with fast_kernels(device != "cpu"):
+            out = net(to_device(x, device))
+            assert isinstance(net._last_plan[0], ConvBatchNormReLUPoolGPU) == (device != "cpu")
+            g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
+            dx = net.backward(to_device(g, device))
+        state = net.state_dict()
+        results[device] = [out, dx] + [p.grad for p in net.parameters()] + [state[k] for k in sorted(state)]
+    tol = 2e-4 if dtype == np.float32 else 1e-10
+    for a, b in zip(results["cpu"], results[gpu]):
+        np.testing.assert_allclose(to_numpy(b), to_numpy(a), rtol=tol, atol=tol)
+
+
+def test_fused_conv_block_on_the_gpu_in_eval_under_no_grad_keeps_nothing(gpu):
+    from minicnn.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
+    net = Sequential(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2)).eval()
+    net[1].set_buffer("running_var", np.linspace(0.5, 2, 4).astype(np.float32))
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    want = net(x)
+    net.to(gpu)
+    with minicnn.no_grad():
+        got = net(to_device(x, gpu))
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-5, atol=1e-6)
+    assert net._last_plan[0]._cache is None
+    with pytest.raises(RuntimeError, match="no_grad"):
+        net.backward(got)
+
+
+@pytest.mark.parametrize("row_values, min_threads", [(1, 1), (2, 1), (10**6, 1), (1, 10**6)])
+def test_channels_last_batchnorm_sums_are_the_same_however_many_slices(gpu, row_values, min_threads, monkeypatch):
+    """The conv block's statistics and backward sums, split over 1 to N*H*W slices per channel."""
+    from minicnn.kernels import gpu as gpu_module
+    monkeypatch.setattr(gpu_module, "ROW_VALUES", row_values)
+    monkeypatch.setattr(gpu_module, "MIN_THREADS", min_threads)
+    rng = np.random.default_rng(0)
+    y = (rng.standard_normal((3, 4, 6, 2)) * 3 + 10).astype(np.float64)          # (N, H, W, C)
+    g = rng.standard_normal((3, 2, 3, 2))
+    cp = minicnn.backend.gpu_module()
+    rm, rv, nbt = cp.zeros(2), cp.ones(2), to_device(np.array(1, np.int64), gpu)
+    gamma, beta = to_device(np.array([1.5, 0.5]), gpu), to_device(np.array([0.1, -0.2]), gpu)
+    mean, inv_std, scale, shift = gpu_kernels().batchnorm_affine(to_device(y, gpu), None, gamma, beta, rm, rv, nbt,
+                                                                 0.1, 1e-5, True)
+    np.testing.assert_allclose(to_numpy(mean), y.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(inv_std), 1 / np.sqrt(y.var(axis=(0, 1, 2)) + 1e-5), rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(rv), 0.9 + 0.1 * y.var(axis=(0, 1, 2), ddof=1), rtol=1e-12)
+    out, arg = gpu_kernels().bn_relu_pool_forward(to_device(y, gpu), scale, shift, 2)
+    sums = to_numpy(gpu_kernels().bn_relu_pool_grad_sums(to_device(g, gpu), arg, to_device(y, gpu), scale, shift,
+                                                         mean, 2))
+    bn = (y - y.mean(axis=(0, 1, 2))) * to_numpy(inv_std) * [1.5, 0.5] + [0.1, -0.2]
+    windows = bn.reshape(3, 2, 2, 3, 2, 2)   # (n, py, i, px, j, c) -> (n, py, px, c, window)
+    windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(3, 2, 3, 2, 4)
+    win = np.maximum(windows, 0).argmax(axis=-1)                 # (the first maximum after the ReLU)
+    np.testing.assert_array_equal(to_numpy(arg), win // 2 * 2 + win % 2)
+    g_bn = np.zeros_like(windows)
+    np.put_along_axis(g_bn, win[..., None], g[..., None], axis=-1)
+    g_bn *= windows > 0
+    yw = y.reshape(3, 2, 2, 3, 2, 2).transpose(0, 1, 3, 5, 2, 4).reshape(3, 2, 3, 2, 4)
+    np.testing.assert_allclose(sums[0], g_bn.sum(axis=(0, 1, 2, 4)), rtol=1e-12)
+    np.testing.assert_allclose(sums[1], (g_bn * (yw - y.mean(axis=(0, 1, 2))[:, None])).sum(axis=(0, 1, 2, 4)), rtol=1e-12)
+
+
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4),
        st.integers(1, 3), st.booleans())
 def test_maxpool_kernels_match_the_naive_loops(gpu, n, c, h, w, k, s, ties):

@@ -21,7 +21,9 @@ from ..backend import gpu_module
 from .im2col import conv_output_size
 
 __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_statistics",
-           "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "dropout", "softmax_cross_entropy",
+           "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "im2col_nhwc", "col2im_nhwc",
+           "batchnorm_affine", "bn_relu_pool_forward", "bn_relu_pool_grad_sums", "batchnorm_backward_affine",
+           "bn_relu_pool_backward", "dropout", "softmax_cross_entropy",
            "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "tf32_enabled", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("gpu_kernels.cu")
@@ -193,9 +195,13 @@ def _slices(x):
     return max(1, min(m, MAX_SLICES, max(MIN_SLICES, -(-m // VALUES_PER_SLICE))))
 
 
+def _momentum(momentum):
+    return np.float64(-1.0 if momentum is None else momentum)       # (< 0: the cumulative average)
+
+
 def batchnorm_statistics(x, running_mean, running_var, num_batches, momentum, eps):
-    """(mean, inv_std) of each channel of x (N, C, H, W) over N*H*W values, in two launches (float64
-    shifted sums in slices, then one thread per channel), updating ``running_mean`` and
+    """(mean, inv_std) of each channel of x (N, C, H, W) over N*H*W values, in three launches (float64
+    shifted sums in slices, CuPy's sum of the slices, then one thread per channel), updating ``running_mean`` and
     ``running_var`` in place with the unbiased variance (PyTorch's rule; ``momentum`` None: the
     cumulative average over ``num_batches``, already counting this batch)."""
     cp = gpu_module()
@@ -205,8 +211,8 @@ def batchnorm_statistics(x, running_mean, running_var, num_batches, momentum, ep
     partial = cp.empty((2, c, slices), dtype=np.float64)
     _launch("channel_moments", x.dtype, c * slices, x, partial, *map(_i, (n, c, h * w, slices)))
     mean, inv_std = cp.empty(c, dtype=x.dtype), cp.empty(c, dtype=x.dtype)
-    _launch("batchnorm_statistics", x.dtype, c, partial, x, running_mean, running_var, num_batches, mean, inv_std,
-            *map(_i, (n, c, h * w, slices)), np.float64(-1.0 if momentum is None else momentum), np.float64(eps))
+    _launch("batchnorm_statistics", x.dtype, c, partial.sum(axis=2), x, running_mean, running_var, num_batches,
+            mean, inv_std, *map(_i, (n, c, h * w)), _momentum(momentum), np.float64(eps))
     return mean, inv_std
 
 
@@ -249,6 +255,119 @@ def batchnorm_backward(g, xhat, gamma, inv_std, sum_g, sum_g_xhat, training, y=N
             np.int64(g.size), _i(g.shape[1]), _i(g.shape[2] * g.shape[3]), np.float64(1.0 / m), _i(training),
             _i(y is not None))
     return dx
+
+
+# --- the conv block on channels-last memory (minicnn/nn/fused.py) --------------------------------
+# Row-wise sums over an (M, C) array run in `slices` threads per channel, ROW_VALUES values each,
+# and at least MIN_THREADS threads in all (a memory-bound pass needs many in flight).
+ROW_VALUES, MIN_THREADS = 256, 32768
+
+
+def _row_slices(m, c):
+    return max(1, min(m, max(-(-m // ROW_VALUES), -(-MIN_THREADS // c))))
+
+
+def _vector(c):
+    """Channels per thread in im2col_nhwc/col2im_nhwc: 4 when C is a multiple of 4."""
+    return 4 if c % 4 == 0 else 1
+
+
+def im2col_nhwc(x, k, s, p, oh, ow):
+    """Channels-last im2col: x (N, H, W, C) -> (N*OH*OW, K*K*C), columns (i, j, c) as in
+    :func:`minicnn.kernels.cpu.im2col_nhwc`."""
+    cp = gpu_module()
+    x = _contiguous(x)
+    n, h, w, c = x.shape
+    col = cp.empty((n * oh * ow, k * k * c), dtype=x.dtype)
+    v = _vector(c)
+    _launch("im2col_nhwc", x.dtype, col.size // v, x, col, *map(_i, (n, h, w, c, k, s, p, oh, ow, v)))
+    return col
+
+
+def col2im_nhwc(dcol, x_shape, k, s, p, oh, ow):
+    """The adjoint of :func:`im2col_nhwc`, as a gather: (N*OH*OW, K*K*C) -> dx (N, H, W, C)."""
+    cp = gpu_module()
+    dcol = _contiguous(dcol)
+    n, h, w, c = x_shape
+    dx = cp.empty(x_shape, dtype=dcol.dtype)
+    v = _vector(c)
+    _launch("col2im_nhwc", dcol.dtype, dx.size // v, dcol, dx, *map(_i, (n, h, w, c, k, s, p, oh, ow, v)))
+    return dx
+
+
+def batchnorm_affine(y, bias, gamma, beta, running_mean, running_var, num_batches, momentum, eps, training):
+    """BatchNorm of ``y + bias`` (y: the channels-last conv output (N, H, W, C), the bias not added; None:
+    no bias) as ``y * scale + shift``: returns (mean, inv_std, scale, shift), the first two float64 and
+    of y itself. Training: from y's batch statistics (three launches: float64 shifted sums in slices,
+    CuPy's sum of the slices, one thread per channel), the running statistics updated in place; eval:
+    from the running statistics."""
+    cp = gpu_module()
+    y = _contiguous(y)
+    c = y.shape[-1]
+    m = y.size // c
+    if training:
+        slices = _row_slices(m, c)
+        partial = cp.empty((2, c, slices), dtype=np.float64)
+        _launch("channel_moments_rows", y.dtype, slices * c, y, partial, np.int64(m), _i(c), _i(slices))
+        sums = partial.sum(axis=2)
+    else:
+        sums = cp.empty((2, c), dtype=np.float64)          # (not read)
+    mean, inv_std = cp.empty(c, dtype=np.float64), cp.empty(c, dtype=np.float64)
+    scale, shift = cp.empty(c, dtype=y.dtype), cp.empty(c, dtype=y.dtype)
+    _launch("batchnorm_affine", y.dtype, c, sums, y, gamma if bias is None else bias, gamma, beta, running_mean,
+            running_var, num_batches, mean, inv_std, scale, shift, np.int64(m), _i(c), _momentum(momentum),
+            np.float64(eps), _i(training), _i(bias is not None))
+    return mean, inv_std, scale, shift
+
+
+def bn_relu_pool_forward(y, scale, shift, k):
+    """(out, arg): maxpool_k(relu(y * scale + shift)) of the channels-last y (N, H, W, C), and each
+    window's first maximum's offset i*k + j (uint8), as :func:`minicnn.kernels.cpu.bn_relu_pool_forward`."""
+    cp = gpu_module()
+    n, h, w, c = y.shape
+    oh, ow = h // k, w // k
+    out = cp.empty((n, oh, ow, c), dtype=y.dtype)
+    arg = cp.empty((n, oh, ow, c), dtype=np.uint8)
+    _launch("bn_relu_pool_forward_nhwc", y.dtype, out.size, _contiguous(y), scale, shift, out, arg,
+            *map(_i, (n, h, w, c, k, oh, ow)))
+    return out, arg
+
+
+def bn_relu_pool_grad_sums(g, arg, y, scale, shift, mean, k):
+    """(2, C) float64: sum(g_bn) and sum(g_bn * (y - mean)) per channel, g_bn = dL/d(BatchNorm output)
+    given g = dL/d(pooled output) (N, OH, OW, C): each window's gradient at its winner if the ReLU
+    let it through."""
+    cp = gpu_module()
+    n, h, w, c = y.shape
+    oh, ow = g.shape[1:3]
+    slices = _row_slices(n * oh * ow, c)
+    partial = cp.empty((2, c, slices), dtype=np.float64)
+    _launch("bn_relu_pool_grad_sums_nhwc", y.dtype, slices * c, _contiguous(g), arg, y, scale, shift, mean, partial,
+            *map(_i, (n, h, w, c, k, oh, ow, slices)))
+    return partial.sum(axis=2)
+
+
+def batchnorm_backward_affine(sums, mean, inv_std, gamma, m, training):
+    """(a, b, c0, dgamma, dbeta, dbias) per channel: dL/dy = a * g_bn + b * y + c0 (see
+    :meth:`minicnn.nn.BatchNorm2d._fast_backward_affine`), the BatchNorm's parameter gradients, and
+    the conv bias's, sum(dL/dy) over the M values of each channel."""
+    cp = gpu_module()
+    c = gamma.shape[0]
+    a, b, c0, dgamma, dbeta, dbias = (cp.empty(c, dtype=gamma.dtype) for _ in range(6))
+    _launch("batchnorm_backward_affine", gamma.dtype, c, sums, mean, inv_std, gamma, a, b, c0, dgamma, dbeta, dbias,
+            np.int64(m), _i(c), _i(training))
+    return a, b, c0, dgamma, dbeta, dbias
+
+
+def bn_relu_pool_backward(g, arg, y, scale, shift, a, b, c0, k):
+    """dL/dy = a * g_bn + b * y + c0 per channel, (N, H, W, C), in one pass."""
+    cp = gpu_module()
+    n, h, w, c = y.shape
+    oh, ow = g.shape[1:3]
+    dy = cp.empty_like(y)
+    _launch("bn_relu_pool_backward_nhwc", y.dtype, y.size, _contiguous(g), arg, y, scale, shift, a, b, c0, dy,
+            *map(_i, (n, h, w, c, k, oh, ow)))
+    return dy
 
 
 # --- dropout -----------------------------------------------------------------------------------

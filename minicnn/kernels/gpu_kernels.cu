@@ -113,7 +113,8 @@ extern "C" __global__ void maxpool_backward(const real* dout, const unsigned cha
 // BatchNorm statistics, step 1: per-channel partial sums of x - shift and (x - shift)^2 in float64,
 // where shift = the channel's first value (so the one-pass variance keeps its precision). Thread
 // (channel ch, slice sl) sums values sl, sl + slices, ... of the channel's M = N*H*W: neighbouring
-// threads read neighbouring addresses. partial is (2, C, slices); step 2 adds up the slices.
+// threads read neighbouring addresses. partial is (2, C, slices); CuPy adds up the slices (a sum
+// over the last axis: a tree in shared memory, which a loop here would do one slice at a time).
 extern "C" __global__ void channel_moments(const real* x, double* partial, int n, int c, int hw, int slices) {
     const idx m_total = (idx)n * hw, chw = (idx)c * hw;
     GRID_STRIDE_LOOP(t, (idx)c * slices) {
@@ -130,21 +131,16 @@ extern "C" __global__ void channel_moments(const real* x, double* partial, int n
     }
 }
 
-// BatchNorm statistics, step 2, one thread per channel: the batch mean and 1 / sqrt(var + eps),
-// and the running statistics updated in place, PyTorch's rule with the unbiased variance:
-// running = (1 - f) * running + f * batch, f = momentum, or 1 / num_batches_tracked when momentum < 0
-// (the cumulative average; the caller has already counted this batch).
-extern "C" __global__ void batchnorm_statistics(const double* partial, const real* x, real* running_mean,
+// BatchNorm statistics, step 2 (after CuPy has added up step 1's slices into sums (2, C)), one
+// thread per channel: the batch mean and 1 / sqrt(var + eps), and the running statistics updated in
+// place, PyTorch's rule with the unbiased variance: running = (1 - f) * running + f * batch,
+// f = momentum, or 1 / num_batches_tracked when momentum < 0 (the cumulative average; the caller
+// has already counted this batch).
+extern "C" __global__ void batchnorm_statistics(const double* sums, const real* x, real* running_mean,
                                                 real* running_var, const long long* num_batches, real* mean,
-                                                real* inv_std, int n, int c, int hw, int slices, double momentum,
-                                                double eps) {
+                                                real* inv_std, int n, int c, int hw, double momentum, double eps) {
     GRID_STRIDE_LOOP(ch, c) {
-        double s1 = 0, s2 = 0;
-        for (int sl = 0; sl < slices; ++sl) {
-            s1 += partial[(idx)ch * slices + sl];
-            s2 += partial[((idx)c + ch) * slices + sl];
-        }
-        const double m = (double)n * hw, shift = x[(idx)ch * hw];
+        const double m = (double)n * hw, shift = x[(idx)ch * hw], s1 = sums[ch], s2 = sums[c + ch];
         const double mu = shift + s1 / m, var = max(s2 / m - (s1 / m) * (s1 / m), 0.0);
         mean[ch] = (real)mu;
         inv_std[ch] = (real)(1.0 / sqrt(var + eps));
@@ -280,5 +276,222 @@ extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v,
         m[i] = mi;
         v[i] = vi;
         p[i] = pi - step_size * (mi / (sqrt(vi) / root_bc2 + eps));
+    }
+}
+
+// --- The conv block on channels-last memory ----------------------------------------------------
+// Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU (minicnn/nn/fused.py's
+// ConvBatchNormReLUPool, the fast CPU path's design): images are (N, H, W, C) in C order, im2col
+// rows (n, oy, ox) and columns (i, j, c) as in minicnn/kernels/cpu.py, so the conv's product comes
+// out channels-last with no transpose, neighbouring threads touch neighbouring channels (coalesced
+// reads and writes, col2im included), and BatchNorm, ReLU and pooling share their passes over the
+// conv output y: forward writes only the pooled output and a one-byte argmax, backward's sums
+// read only each window's winner.
+
+// Copy V neighbouring channels (V = 4 when C allows, else 1; the integer divisions that find
+// them are then done once per V values).
+template <int V> __device__ __forceinline__ void copy_channels(real* dst, const real* src) {
+    for (int u = 0; u < V; ++u) dst[u] = src ? src[u] : (real)0;
+}
+
+template <int V>
+__device__ __forceinline__ void im2col_nhwc_group(const real* x, real* col, idx e, int groups, int h, int w,
+                                                  int c, int k, int s, int p, int oh, int ow) {
+    int cg = (int)(e % groups);
+    idx t = e / groups;                                   // t = row * k*k + tap: one (i, j) of one row
+    int tap = (int)(t % (k * k));
+    idx row = t / (k * k), r2 = row / ow;
+    int i = tap / k, j = tap - i * k, ox = (int)(row % ow), oy = (int)(r2 % oh);
+    idx ni = r2 / oh;
+    int y = oy * s + i - p, xx = ox * s + j - p;
+    bool inside = y >= 0 && y < h && xx >= 0 && xx < w;
+    copy_channels<V>(col + t * c + cg * V, inside ? x + ((ni * h + y) * w + xx) * c + cg * V : nullptr);
+}
+
+// col[(n, oy, ox), (i, j, ci)] = x[n, oy*s + i - p, ox*s + j - p, ci], or 0 in the padding.
+extern "C" __global__ void im2col_nhwc(const real* x, real* col, int n, int h, int w, int c, int k, int s, int p,
+                                       int oh, int ow, int v) {
+    const int groups = c / v;
+    const idx total = (idx)n * oh * ow * k * k * groups;
+    GRID_STRIDE_LOOP(e, total) {
+        if (v == 4) im2col_nhwc_group<4>(x, col, e, groups, h, w, c, k, s, p, oh, ow);
+        else im2col_nhwc_group<1>(x, col, e, groups, h, w, c, k, s, p, oh, ow);
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void col2im_nhwc_group(const real* dcol, real* dx, idx e, int groups, int h, int w,
+                                                  int c, int k, int s, int p, int oh, int ow) {
+    int cg = (int)(e % groups);
+    idx pix = e / groups, r2 = pix / w;
+    int xx = (int)(pix % w), y = (int)(r2 % h);
+    idx ni = r2 / h;
+    // Pixel y is row oy's offset i = y + p - oy*s for the oy with 0 <= i < k: (y + p - k) / s < oy <= (y + p) / s.
+    int ty = y + p, tx = xx + p;
+    int oy_lo = ty >= k ? (ty - k) / s + 1 : 0, oy_hi = min(ty / s, oh - 1);
+    int ox_lo = tx >= k ? (tx - k) / s + 1 : 0, ox_hi = min(tx / s, ow - 1);
+    real sum[V];
+    for (int u = 0; u < V; ++u) sum[u] = 0;
+    for (int oy = oy_lo; oy <= oy_hi; ++oy)
+        for (int ox = ox_lo; ox <= ox_hi; ++ox) {
+            int i = ty - oy * s, j = tx - ox * s;
+            const real* src = dcol + (((ni * oh + oy) * ow + ox) * k * k + i * k + j) * c + cg * V;
+            for (int u = 0; u < V; ++u) sum[u] += src[u];
+        }
+    for (int u = 0; u < V; ++u) dx[pix * c + cg * V + u] = sum[u];
+}
+
+// The adjoint of im2col_nhwc, as a gather: dx[n, y, x, ci] sums dcol over the windows that saw the pixel.
+extern "C" __global__ void col2im_nhwc(const real* dcol, real* dx, int n, int h, int w, int c, int k, int s, int p,
+                                       int oh, int ow, int v) {
+    const int groups = c / v;
+    const idx total = (idx)n * h * w * groups;
+    GRID_STRIDE_LOOP(e, total) {
+        if (v == 4) col2im_nhwc_group<4>(dcol, dx, e, groups, h, w, c, k, s, p, oh, ow);
+        else col2im_nhwc_group<1>(dcol, dx, e, groups, h, w, c, k, s, p, oh, ow);
+    }
+}
+
+// BatchNorm statistics of the conv output y seen as (M, C) rows, step 1: thread (slice sl, channel
+// ch) sums rows sl, sl + slices, ... of y - shift and (y - shift)^2 in float64 (shift: row 0's
+// value); neighbouring threads read neighbouring channels. partial is (2, C, slices); CuPy then
+// adds up the slices.
+extern "C" __global__ void channel_moments_rows(const real* y, double* partial, long long m, int c, int slices) {
+    GRID_STRIDE_LOOP(t, (idx)slices * c) {
+        int ch = (int)(t % c), sl = (int)(t / c);
+        const double shift = y[ch];
+        double s1 = 0, s2 = 0;
+        for (idx r = sl; r < m; r += slices) {
+            double d = (double)y[r * c + ch] - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+        partial[(idx)ch * slices + sl] = s1;
+        partial[((idx)c + ch) * slices + sl] = s2;
+    }
+}
+
+// Step 2, one thread per channel: with sums (2, C) of step 1 in training, or the running
+// statistics in eval, the mean and 1/sqrt(var + eps) (float64) of y, the conv output *without* its
+// bias, and scale = gamma * inv_std, shift = beta - mean * scale, so that BatchNorm(y + bias) =
+// y * scale + shift (in training the bias cancels: the mean moves with it). Training updates the
+// running statistics in place (PyTorch's rule, as batchnorm_statistics) with the true mean, of y + bias.
+extern "C" __global__ void batchnorm_affine(const double* sums, const real* y, const real* bias, const real* gamma,
+                                            const real* beta, real* running_mean, real* running_var,
+                                            const long long* num_batches, double* mean, double* inv_std, real* scale,
+                                            real* shift, long long m, int c, double momentum, double eps,
+                                            int training, int has_bias) {
+    GRID_STRIDE_LOOP(ch, c) {
+        const double b = has_bias ? (double)bias[ch] : 0.0;
+        double mu, var;
+        if (training) {
+            const double s1 = sums[ch] / m, s2 = sums[c + ch] / m;
+            mu = (double)y[ch] + s1;
+            var = max(s2 - s1 * s1, 0.0);
+            const double f = momentum >= 0 ? momentum : 1.0 / (double)num_batches[0];
+            running_mean[ch] = (real)((1 - f) * running_mean[ch] + f * (mu + b));
+            running_var[ch] = (real)((1 - f) * running_var[ch] + f * var * ((double)m / (double)(m - 1)));
+        } else {
+            mu = (double)running_mean[ch] - b;
+            var = (double)running_var[ch];
+        }
+        const double is = 1.0 / sqrt(var + eps), sc = (double)gamma[ch] * is;
+        mean[ch] = mu;
+        inv_std[ch] = is;
+        scale[ch] = (real)sc;
+        shift[ch] = (real)((double)beta[ch] - mu * sc);
+    }
+}
+
+// out[n, py, px, ch] = the maximum over the k x k window of relu(y * scale + shift), and arg = i*k + j
+// of its first maximum (cpu.py's bn_relu_pool_forward; the ReLU keeps NaN as NaN, as relu_forward).
+extern "C" __global__ void bn_relu_pool_forward_nhwc(const real* y, const real* scale, const real* shift, real* out,
+                                                     unsigned char* arg, int n, int h, int w, int c, int k, int oh,
+                                                     int ow) {
+    const idx total = (idx)n * oh * ow * c;
+    GRID_STRIDE_LOOP(e, total) {
+        int ch = (int)(e % c);
+        idx cell = e / c, r2 = cell / ow;
+        int px = (int)(cell % ow), py = (int)(r2 % oh);
+        idx ni = r2 / oh;
+        const real sc = scale[ch], sh = shift[ch];
+        real best = 0;
+        int where = 0;
+        for (int i = 0; i < k; ++i)
+            for (int j = 0; j < k; ++j) {
+                real v = y[((ni * h + py * k + i) * w + px * k + j) * c + ch] * sc + sh;
+                v = v > 0 ? v : v * 0;
+                if ((i == 0 && j == 0) || v > best) { best = v; where = i * k + j; }
+            }
+        out[e] = best;
+        arg[e] = (unsigned char)where;
+    }
+}
+
+// Backward step 1: per-channel partial sums over the pooled cells of g_bn and g_bn * (y - mean),
+// g_bn = dL/d(BatchNorm output): each window's gradient at its winner if the ReLU let it through, 0
+// at every other pixel. Threads (slice, channel) as in channel_moments_rows; partial is (2, C, slices).
+extern "C" __global__ void bn_relu_pool_grad_sums_nhwc(const real* g, const unsigned char* arg, const real* y,
+                                                       const real* scale, const real* shift, const double* mean,
+                                                       double* partial, int n, int h, int w, int c, int k, int oh,
+                                                       int ow, int slices) {
+    const idx cells = (idx)n * oh * ow;
+    GRID_STRIDE_LOOP(t, (idx)slices * c) {
+        int ch = (int)(t % c), sl = (int)(t / c);
+        const real sc = scale[ch], sh = shift[ch];
+        const double mu = mean[ch];
+        double s1 = 0, s2 = 0;
+        for (idx cell = sl; cell < cells; cell += slices) {
+            idx o = cell * c + ch, r2 = cell / ow;
+            int a = arg[o], i = a / k, j = a - (a / k) * k, px = (int)(cell % ow), py = (int)(r2 % oh);
+            real yv = y[(((r2 / oh) * h + py * k + i) * w + px * k + j) * c + ch];
+            double gv = yv * sc + sh > 0 ? (double)g[o] : 0.0;
+            s1 += gv;
+            s2 += gv * ((double)yv - mu);
+        }
+        partial[(idx)ch * slices + sl] = s1;
+        partial[((idx)c + ch) * slices + sl] = s2;
+    }
+}
+
+// Backward step 2, one thread per channel, from the sums (2, C) = (sum g_bn, sum g_bn * (y - mean)):
+// dgamma = sum(g_bn * xhat), dbeta = sum(g_bn), and (a, b, c0) such that dL/dy = a * g_bn + b * y + c0
+// (BatchNorm's backward as an affine map of y: BatchNorm2d._fast_backward_affine), and the conv
+// bias's gradient sum(dL/dy) = a * sum_g + (b * mean + c0) * M: 0 in training, up to rounding.
+extern "C" __global__ void batchnorm_backward_affine(const double* sums, const double* mean, const double* inv_std,
+                                                     const real* gamma, real* a, real* b, real* c0, real* dgamma,
+                                                     real* dbeta, real* dbias, long long m, int c, int training) {
+    GRID_STRIDE_LOOP(ch, c) {
+        const double sum_g = sums[ch], sum_g_xhat = sums[c + ch] * inv_std[ch], av = (double)gamma[ch] * inv_std[ch];
+        double bv = 0, cv = 0;
+        if (training) {          // a * (g - (sum_g + xhat * sum_g_xhat) / M), xhat = (y - mean) * inv_std
+            bv = -av * inv_std[ch] * sum_g_xhat / (double)m;
+            cv = -av * sum_g / (double)m - bv * mean[ch];
+        }
+        a[ch] = (real)av;
+        b[ch] = (real)bv;
+        c0[ch] = (real)cv;
+        dgamma[ch] = (real)sum_g_xhat;
+        dbeta[ch] = (real)sum_g;
+        dbias[ch] = (real)(av * sum_g + (bv * mean[ch] + cv) * (double)m);
+    }
+}
+
+// Backward step 3, one thread per conv output value: dL/dy = a * g_bn + b * y + c0.
+extern "C" __global__ void bn_relu_pool_backward_nhwc(const real* g, const unsigned char* arg, const real* y,
+                                                      const real* scale, const real* shift, const real* a,
+                                                      const real* b, const real* c0, real* dy, int n, int h, int w,
+                                                      int c, int k, int oh, int ow) {
+    const idx total = (idx)n * h * w * c;
+    GRID_STRIDE_LOOP(e, total) {
+        int ch = (int)(e % c);
+        idx pix = e / c, r2 = pix / w;
+        int xx = (int)(pix % w), yy = (int)(r2 % h), py = yy / k, px = xx / k;
+        real yv = y[e], gv = yv * 0;
+        if (py < oh && px < ow) {
+            idx o = (((r2 / h) * oh + py) * ow + px) * c + ch;
+            if (arg[o] == (yy - py * k) * k + (xx - px * k) && yv * scale[ch] + shift[ch] > 0) gv = g[o];
+        }
+        dy[e] = a[ch] * gv + b[ch] * yv + c0[ch];
     }
 }

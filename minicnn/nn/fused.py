@@ -1,5 +1,5 @@
-"""[Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path, and
-BatchNorm2d -> ReLU as one step on the GPU.
+"""[Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d as one step on the fast CPU path;
+Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, and BatchNorm2d -> ReLU, as one step on the GPU.
 
 Not layers of their own: :class:`~minicnn.nn.Sequential` substitutes these steps
 for the layers when they follow each other, the pooling windows do not overlap
@@ -19,11 +19,12 @@ With a Conv2d in front, the block runs in chunks of images on several threads
 """
 import numpy as np
 
-from ..kernels import cpu_kernels, threads, winograd, workspace
+from ..backend import get_array_module
+from ..kernels import cpu_kernels, gpu_kernels, threads, winograd, workspace
 from .module import is_grad_enabled
 
-__all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "BatchNormReLU", "fusable", "fusable_with_conv",
-           "fusable_bn_relu"]
+__all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "ConvBatchNormReLUPoolGPU", "BatchNormReLU", "fusable",
+           "fusable_with_conv", "fusable_bn_relu"]
 
 
 def fusable(layers):
@@ -344,6 +345,89 @@ class ConvBatchNormReLUPool:
         if conv.bias is not None:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None
+
+    def backward_params(self, dout):
+        return self.backward(dout, input_grad=False)
+
+
+class ConvBatchNormReLUPoolGPU:
+    """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU's CUDA kernels, on
+    channels-last memory as on the fast CPU path (the kernels: the end of gpu_kernels.cu)::
+
+        forward:   col = im2col_nhwc(x)                        (N*OH*OW, K*K*C), kept for dW
+                   y = col @ Wc                                (N*OH*OW, OC): the NHWC conv output,
+                                                               no transpose and no bias (see above)
+                   scale, shift from y's batch statistics      (or the running ones, in eval)
+                   out, arg = maxpool(relu(y*scale + shift))   one pass; y is kept, not xhat
+        backward:  sum(g_bn), sum(g_bn * (y - mean))           over each window's winner only
+                   dy = a * g_bn + b * y + c0                  one pass
+                   dWc = col^T dy                              (in groups of images: conv.py)
+                   dx = col2im_nhwc(dy @ Wc^T)                 a gather, coalesced on NHWC
+
+    The per-layer GPU path writes and rereads the full-size activation nine times more (bias,
+    transposes to and from NCHW, xhat, the ReLU output, the pool's dL/dx) in some 20 more launches.
+    Blocks hand each other NCHW views of NHWC memory, so the next block's NHWC input is no copy.
+    """
+
+    def __init__(self, conv, bn, relu, pool):
+        self.conv, self.bn, self.pool = conv, bn, pool
+        self._cache = None
+        self._kept_nothing = False
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        conv, bn, gpu, xp = self.conv, self.bn, gpu_kernels(), get_array_module(x)
+        n, oc, oh, ow = conv._check(x)
+        bn._check_batch(np.broadcast_to(np.zeros((), x.dtype), (n, oc, oh, ow)))
+        k = self.pool.kernel_size
+        _pooled_size(oh, ow, k)
+        conv._cache = bn._cache = self.pool._cache = self._cache = None
+        x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        col = gpu.im2col_nhwc(x_nhwc, conv.kernel_size, conv.stride, conv.padding, oh, ow)
+        w_col = conv._weight_columns()                                  # (K*K*C, OC)
+        y = (col @ w_col).reshape(n, oh, ow, oc)
+        nbt = bn._buffers["num_batches_tracked"]
+        if bn.training:
+            nbt += 1                                   # (in place, on the device: no read back)
+        mean, inv_std, scale, shift = gpu.batchnorm_affine(
+            y, None if conv.bias is None else conv.bias.data, bn.weight.data, bn.bias.data, bn.running_mean,
+            bn.running_var, nbt, bn.momentum, bn.eps, bn.training)
+        out, arg = gpu.bn_relu_pool_forward(y, scale, shift, k)
+        self._kept_nothing = not bn.training and not is_grad_enabled()
+        if not self._kept_nothing:
+            self._cache = (x_nhwc.shape, col, w_col, y, mean, inv_std, scale, shift, arg, bn.training)
+        return out.transpose(0, 3, 1, 2)
+
+    def backward(self, dout, input_grad=True):
+        if self._kept_nothing:
+            raise RuntimeError("backward() through a forward pass that ran under minicnn.no_grad(): "
+                               "nothing was kept for it; run the forward pass outside no_grad()")
+        if self._cache is None:
+            raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+        from .conv import contract_by_image_groups
+        conv, bn, gpu, xp = self.conv, self.bn, gpu_kernels(), get_array_module(dout)
+        x_shape, col, w_col, y, mean, inv_std, scale, shift, arg, training = self._cache
+        n, oh, ow, oc = y.shape
+        k = self.pool.kernel_size
+        self.pool._check_dout(dout, (n, oc, oh // k, ow // k))
+        g = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1))
+        sums = gpu.bn_relu_pool_grad_sums(g, arg, y, scale, shift, mean, k)
+        a, b, c0, dgamma, dbeta, dbias = gpu.batchnorm_backward_affine(sums, mean, inv_std, bn.weight.data,
+                                                                       n * oh * ow, training)
+        bn.weight.accumulate_grad(dgamma)
+        bn.bias.accumulate_grad(dbeta)
+        if conv.bias is not None:
+            conv.bias.accumulate_grad(dbias)
+        dy = gpu.bn_relu_pool_backward(g, arg, y, scale, shift, a, b, c0, k).reshape(-1, oc)
+        ks, c = conv.kernel_size, conv.in_channels
+        dw = contract_by_image_groups(col, dy, n)                       # (K*K*C, OC), Wc's layout
+        conv.weight.accumulate_grad(xp.ascontiguousarray(dw.reshape(ks, ks, c, oc).transpose(3, 2, 0, 1)))
+        if not input_grad:
+            return None
+        dx = gpu.col2im_nhwc(dy @ w_col.T, x_shape, ks, conv.stride, conv.padding, oh, ow)
+        return dx.transpose(0, 3, 1, 2)
 
     def backward_params(self, dout):
         return self.backward(dout, input_grad=False)

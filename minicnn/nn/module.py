@@ -384,13 +384,14 @@ class Sequential(Module):
     def _plan(self, x):
         """The layers to run: these layers, except that on the fast CPU path each
         [Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step, and on the GPU
-        kernels each BatchNorm2d -> ReLU (minicnn/nn/fused.py)."""
+        kernels each Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, and each other BatchNorm2d -> ReLU
+        (minicnn/nn/fused.py)."""
         layers = list(self._modules.values())
         from . import fused as f            # (imported here: fused.py imports this file's layers)
         if fast_path(x):
             rules = ((4, f.fusable_with_conv, f.ConvBatchNormReLUPool), (3, f.fusable, f.BatchNormReLUPool))
         elif gpu_path(x):
-            rules = ((2, f.fusable_bn_relu, f.BatchNormReLU),)
+            rules = ((4, f.fusable_with_conv, f.ConvBatchNormReLUPoolGPU), (2, f.fusable_bn_relu, f.BatchNormReLU))
         else:
             return layers
         steps = self.__dict__.setdefault("_fused", {})
