@@ -36,7 +36,7 @@ y = np.arange(64) % 7
 from minicnn.kernels import gpu
 for name, fast, graph in (("plain", False, False), ("kernels", True, False), ("graph", True, True)):
     if graph and not gpu.cublas_capturable():
-        print("smoke graph: not available (this CuPy refuses cuBLAS calls during stream capture)", flush=True)
+        print("smoke graph: not available (neither CuPy nor cuBLAS called directly can be captured here)", flush=True)
         continue
     try:
         with fast_kernels(fast):

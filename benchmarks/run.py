@@ -8,11 +8,11 @@
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
 available: minicnn's plain path, its fast CPU path, on a GPU its plain path, its
-CUDA kernels and its CUDA-graph step (float32 products, and TF32 as PyTorch's cuDNN
-convolutions use by default), PyTorch CPU (NCHW and channels_last) and PyTorch
-CUDA (eager).
-The GPU rows also give their ratio to PyTorch CUDA and the time one FER2013
-epoch (28,709 images) would take at their rate. Each backend runs in a worker
+CUDA kernels and its CUDA-graph step (each with float32 products, and with TF32 as
+PyTorch's cuDNN convolutions use by default), PyTorch CPU (NCHW and channels_last)
+and PyTorch CUDA (eager: its default, TF32 convolutions, and torch-cuda-fp32 without).
+The GPU rows also give their ratio to both PyTorch CUDA rows and the time one
+FER2013 epoch (28,709 images) would take at their rate. Each backend runs in a worker
 process of its own (as its users run it: no shared thread pools), and the
 workers take turns, one timed step each (after one untimed step of the same job:
 a step as in training, where steps run back to back; ``--cold`` times the first
@@ -43,8 +43,8 @@ from minicnn.models import EmotionClassifier  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FER2013_TRAIN = 28709          # images in FER2013's Training split: one epoch
-GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-graph", "minicnn-cupy-graph-tf32",
-                "torch-cuda", "minicnn-fast", "torch-cpu-cl"]
+GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-tf32", "minicnn-cupy-graph",
+                "minicnn-cupy-graph-tf32", "torch-cuda", "torch-cuda-fp32", "minicnn-fast", "torch-cpu-cl"]
 
 # Multiply-accumulates per image of the forward pass, layer by layer.
 _FWD_MACS = {
@@ -116,7 +116,7 @@ class MinicnnBackend(Backend):
         if not gpu_available():
             return False
         from minicnn.kernels import gpu
-        return not self.graph or gpu.cublas_capturable()     # (CuPy 14.2 cannot capture cuBLAS calls)
+        return not self.graph or gpu.cublas_capturable()     # (products by CuPy or cuBLAS called directly)
 
     def setup(self):
         if self.tf32:            # CuPy reads it at its first float32 matrix product (this worker's own)
@@ -188,8 +188,9 @@ class MinicnnBackend(Backend):
 
 
 class TorchBackend(Backend):
-    def __init__(self, name, device, channels_last):
+    def __init__(self, name, device, channels_last, tf32_convs=True):
         self.name, self.device, self.channels_last = name, device, channels_last
+        self.tf32_convs = tf32_convs           # PyTorch's default: cuDNN convolutions may use TF32
 
     def available(self):
         torch = _torch()
@@ -200,15 +201,17 @@ class TorchBackend(Backend):
             _torch().cuda.synchronize()
 
     def setup(self):
-        _torch().set_num_threads(os.cpu_count() or 1)
+        torch = _torch()
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.backends.cudnn.allow_tf32 = self.tf32_convs
 
     def info(self):
         torch = _torch()
         info = dict(torch=torch.__version__, torch_threads=torch.get_num_threads())
         if self.device == "cuda":
-            info.update(gpu=torch.cuda.get_device_name(0),
-                        torch_tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                        torch_tf32_cudnn=torch.backends.cudnn.allow_tf32)
+            info.update(gpu=torch.cuda.get_device_name(0), **{
+                f"tf32_matmul_{self.name}": torch.backends.cuda.matmul.allow_tf32,
+                f"tf32_cudnn_{self.name}": torch.backends.cudnn.allow_tf32})
         return info
 
     def layer_jobs(self, lname, batch):
@@ -264,11 +267,13 @@ def all_backends():
         MinicnnBackend("minicnn-fast", "cpu", fast=True),
         MinicnnBackend("minicnn-cupy-plain", "gpu", fast=False),
         MinicnnBackend("minicnn-cupy", "gpu", fast=True),
+        MinicnnBackend("minicnn-cupy-tf32", "gpu", fast=True, tf32=True),
         MinicnnBackend("minicnn-cupy-graph", "gpu", fast=True, graph=True),
         MinicnnBackend("minicnn-cupy-graph-tf32", "gpu", fast=True, graph=True, tf32=True),
         TorchBackend("torch-cpu", "cpu", channels_last=False),
         TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
         TorchBackend("torch-cuda", "cuda", channels_last=False),
+        TorchBackend("torch-cuda-fp32", "cuda", channels_last=False, tf32_convs=False),
     ]
 
 
@@ -479,16 +484,20 @@ def format_table(results, gemm):
         return f"{v:.2f}x" if v else "-"
 
     gpu = any(r.get("ratio_torch_cuda") for r in results)
-    lines = [f"{'batch':>5}  {'what':<6} {'backend':<19}{'median ms':>10}{'images/s':>10}"
+    fp32 = any(r.get("ratio_torch_cuda_fp32") for r in results)
+    lines = [f"{'batch':>5}  {'what':<6} {'backend':<24}{'median ms':>10}{'images/s':>10}"
              f"{'vs torch':>10}{'vs torch-cl':>12}{'GEMM bound':>11}"
-             + (f"{'vs torch-cuda':>14}{'FER epoch':>10}" if gpu else "")]
+             + (f"{'vs torch-cuda':>14}" if gpu else "") + (f"{'vs torch-cuda-fp32':>19}" if fp32 else "")
+             + (f"{'FER epoch':>10}" if gpu else "")]
     for r in results:
         frac = f"{r['gemm_frac']:.0%}" if r.get("gemm_frac") else "-"
         epoch = f"{FER2013_TRAIN / r['images_per_s']:.1f} s" if r["what"] == "train" else "-"
-        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<19}{r['median_ms']:>10.2f}"
+        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<24}{r['median_ms']:>10.2f}"
                      f"{r['images_per_s']:>10.0f}{ratio(r.get('ratio_torch_cpu')):>10}"
                      f"{ratio(r.get('ratio_torch_cpu_cl')):>12}{frac:>11}"
-                     + (f"{ratio(r.get('ratio_torch_cuda')):>14}{epoch:>10}" if gpu else ""))
+                     + (f"{ratio(r.get('ratio_torch_cuda')):>14}" if gpu else "")
+                     + (f"{ratio(r.get('ratio_torch_cuda_fp32')):>19}" if fp32 else "")
+                     + (f"{epoch:>10}" if gpu else ""))
     lines.append(f"(ratio = median time / PyTorch's median time in the same run: below 1 is faster;"
                  f" GEMM bound = time the step's FLOPs take at the sgemm rate measured in this run,"
                  f" {gemm:.0f} GFLOP/s, over the step's time"
@@ -576,12 +585,13 @@ def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
         for ref, key in (("torch-cpu", "ratio_torch_cpu"), ("torch-cpu-cl", "ratio_torch_cpu_cl")):
             other = next((o for o in results if o["backend"] == ref and o["what"] == r["what"]
                           and o["batch"] == r["batch"]), None)
-            if other and "cupy" not in r["backend"] and r["backend"] != "torch-cuda":
+            if other and "cupy" not in r["backend"] and "cuda" not in r["backend"]:
                 r[key] = r["median_ms"] / other["median_ms"]
-        other = next((o for o in results if o["backend"] == "torch-cuda" and o["what"] == r["what"]
-                      and o["batch"] == r["batch"]), None)
-        if other and "cupy" in r["backend"]:
-            r["ratio_torch_cuda"] = r["median_ms"] / other["median_ms"]
+        for ref, key in (("torch-cuda", "ratio_torch_cuda"), ("torch-cuda-fp32", "ratio_torch_cuda_fp32")):
+            other = next((o for o in results if o["backend"] == ref and o["what"] == r["what"]
+                          and o["batch"] == r["batch"]), None)
+            if other and "cupy" in r["backend"]:
+                r[key] = r["median_ms"] / other["median_ms"]
         if "cupy" not in r["backend"] and "cuda" not in r["backend"]:
             r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),

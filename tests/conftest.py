@@ -109,17 +109,18 @@ def torch_emotion_classifier(num_classes=7):
 
 
 @pytest.fixture
-def capturable_cublas(gpu):
-    """For tests of the CUDA-graph step: on the emulator, let captures record cuBLAS calls (real CuPy
-    14.2 refuses them, and so does the emulator by default); on a GPU whose CuPy refuses them, skip."""
-    from minicnn.kernels import gpu as gpu_module
+def capturable_cublas(gpu, monkeypatch):
+    """For tests of the CUDA-graph step. On the emulator, which refuses CuPy's cuBLAS calls during a
+    capture as CuPy 14.2 does, minicnn's direct cuBLAS products (minicnn/kernels/cublas.py) are
+    played by ``cupy_emulator.direct_gemm``: a product that does not go through them fails the
+    capture. On a GPU where neither can be captured, skip."""
+    from minicnn.kernels import cublas, gpu as gpu_module
     if minicnn.backend._cupy is cupy_emulator:
-        cupy_emulator.CUBLAS_IN_CAPTURE = True
-        gpu_module._cublas_capturable.clear()
+        monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)
+        monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})
+        monkeypatch.setattr(gpu_module, "_cupy_captures_cublas", {})
         yield
-        cupy_emulator.CUBLAS_IN_CAPTURE = False
-        gpu_module._cublas_capturable.clear()
     elif not gpu_module.cublas_capturable():
-        pytest.skip("this CuPy refuses cuBLAS calls during stream capture: no CUDA-graph steps")
+        pytest.skip("neither CuPy nor cuBLAS called directly can be captured here: no CUDA-graph steps")
     else:
         yield

@@ -45,8 +45,9 @@ __version__ = "emulated"
 launches = 0
 by_name = collections.Counter()      # what the launches were
 # Real CuPy (14.2 on an H200, and every version since stream capture came in) refuses cuBLAS calls --
-# the matrix products -- while a stream is captured. The emulator does too; a test that wants the
-# rest of the CUDA-graph machinery checked can let it record them (``CUBLAS_IN_CAPTURE = True``).
+# the matrix products -- while a stream is captured. The emulator does too (``CUBLAS_IN_CAPTURE =
+# True`` plays a CuPy that allows them); minicnn then multiplies with cuBLAS called directly, which
+# :func:`direct_gemm` plays.
 CUBLAS_IN_CAPTURE = False
 _CUBLAS = ("matmul", "dot", "tensordot", "inner", "vdot")
 
@@ -357,6 +358,17 @@ def __getattr__(name):
     if callable(attr):
         return _function(name, attr)
     return attr
+
+
+def direct_gemm(a, b):
+    """Stands in for ``minicnn.kernels.cublas.gemm`` (cuBLAS called through ctypes, which a capture
+    may record although CuPy's own products may not): the tests' ``capturable_cublas`` fixture puts
+    it there."""
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)):
+        raise TypeError("direct_gemm takes device arrays")
+    _count("cublas-direct")
+    x, y = a._a, b._a
+    return ndarray(_run(lambda: _np.matmul(x, y), False, (x, y)))
 
 
 # --- cupy.random, cupy.cuda -----------------------------------------------------------------------

@@ -86,12 +86,17 @@ def test_the_cuda_graph_backend_runs_its_steps(gpu, capturable_cublas):
     _run_gpu_backends(("minicnn-cupy-graph",))
 
 
-def test_the_cuda_graph_backend_is_unavailable_where_cupy_cannot_capture_cublas(gpu):
-    from minicnn.kernels import gpu as gpu_kernels_module
+def test_the_cuda_graph_backend_is_available_where_products_can_be_captured(gpu, monkeypatch):
+    import cupy_emulator
+    from minicnn.kernels import cublas, gpu as gpu_kernels_module
     backend = next(b for b in bench.all_backends() if b.name == "minicnn-cupy-graph")
-    gpu_kernels_module._cublas_capturable.clear()
-    assert backend.available() == gpu_kernels_module.cublas_capturable()
-    assert backend.available() is False or __import__("minicnn").backend.gpu_module().__version__ != "emulated"
+    monkeypatch.setattr(gpu_kernels_module, "_cupy_captures_cublas", {})
+    if __import__("minicnn").backend.gpu_module() is cupy_emulator:
+        for possible in (False, True):
+            monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: possible})
+            assert backend.available() is possible
+    else:
+        assert backend.available() == gpu_kernels_module.cublas_capturable()
 
 
 def _run_gpu_backends(names):

@@ -272,6 +272,42 @@ def test_cross_entropy_kernel_with_weights_and_smoothing_matches_the_cpu(gpu):
         np.testing.assert_allclose(to_numpy(dev.backward(2.0)), cpu.backward(2.0), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not minicnn.backend.gpu_available(), reason="CuPy with an NVIDIA GPU is not available")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_cublas_products_equal_cupys_in_every_layout_and_in_a_capture(dtype):
+    """minicnn.kernels.cublas.gemm (cuBLAS through ctypes, for CUDA-graph captures) against CuPy's
+    ``@``: C-ordered operands, transposed views, sliced rows, batches, an empty inner dimension."""
+    from minicnn.kernels import cublas
+    cp = minicnn.backend.gpu_module()
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return cp.asarray(rng.standard_normal(shape).astype(dtype))
+    big = r(9, 12)
+    cases = [(r(5, 3), r(3, 4)), (r(3, 5).T, r(3, 4)), (r(5, 3), r(4, 3).T), (r(3, 5).T, r(4, 3).T),
+             (big[::2, 1:4], big[1:4, ::3]), (r(1, 7), r(7, 1)), (r(6, 0), r(0, 2)),
+             (r(4, 5, 3), r(4, 3, 2)), (r(4, 3, 5).transpose(0, 2, 1), r(4, 3, 2)), (r(2, 70, 9), r(2, 9, 33))]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in cases:
+        got = cublas.gemm(a, b)
+        assert got.shape == (a @ b).shape and got.flags.c_contiguous
+        np.testing.assert_allclose(cp.asnumpy(got), cp.asnumpy(a @ b), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="cannot multiply"):
+        cublas.gemm(r(2, 3), r(2, 3))
+    assert cublas.available()
+    a, b = r(64, 48), r(48, 32)
+    pool, stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        stream.begin_capture()
+        c = cublas.gemm(a, b)
+        graph = stream.end_capture()
+        a[...] = 2 * a                              # the replay reads a as it is then
+        graph.launch()
+        stream.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(c), cp.asnumpy(a @ b), rtol=tol, atol=tol)
+
+
 def test_kernels_cut_the_launches_of_a_training_step():
     """Counted on the emulator: array operations plus kernel launches, the GPU's fixed cost."""
     from minicnn.models import EmotionClassifier

@@ -70,6 +70,26 @@ def test_replayed_steps_equal_eager_steps(gpu, capturable_cublas, optimizer):
         assert_same(got_state[k], v, k)
 
 
+def test_a_capture_multiplies_with_cuda_directly_only_where_cupy_refuses(monkeypatch):
+    """Every product of a captured step goes through minicnn.kernels.matmul: by cuBLAS called directly
+    where CuPy refuses (the emulator fails any other product during the capture), and by CuPy's own
+    product where it can capture it."""
+    import minicnn.backend as backend
+    from minicnn.kernels import cublas, gpu as gpu_kernels_module
+    monkeypatch.setattr(backend, "_cupy", cupy_emulator)
+    monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)
+    monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})
+    direct = {}
+    for cupy_captures in (False, True):
+        monkeypatch.setattr(cupy_emulator, "CUBLAS_IN_CAPTURE", cupy_captures)
+        monkeypatch.setattr(gpu_kernels_module, "_cupy_captures_cublas", {})
+        cupy_emulator.by_name.clear()
+        state, losses, step, _ = _train(_batches(4), graph=True)
+        assert step.replays == 2 and np.isfinite(losses).all()
+        direct[cupy_captures] = cupy_emulator.by_name["cublas-direct"]
+    assert direct == {False: 4 * 3 + 2 * 3 - 1, True: 0}   # 4 blocks, 2 linear layers: 3 products each, less dL/dx
+
+
 def test_other_batch_sizes_run_eagerly_and_new_arrays_are_captured_again(gpu, capturable_cublas):
     batches = _batches(6)
     batches[3] = _batches(1, batch=4, seed=9)[0]    # a short batch in the middle
@@ -179,9 +199,11 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
     import minicnn.backend as backend
     from minicnn.kernels import gpu as gpu_kernels_module
     from minicnn.nn import Dropout
+    from minicnn.kernels import cublas
     monkeypatch.setattr(backend, "_cupy", cupy_emulator)
-    monkeypatch.setattr(cupy_emulator, "CUBLAS_IN_CAPTURE", True)      # (see the capturable_cublas fixture)
-    monkeypatch.setattr(gpu_kernels_module, "_cublas_capturable", {})
+    monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)    # (see the capturable_cublas fixture)
+    monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})
+    monkeypatch.setattr(gpu_kernels_module, "_cupy_captures_cublas", {})
     if mutation == "frozen learning rate":         # copied to the device for the capture, never again
         copy_to_device, calls = SGD._before_graph_replay, []
 
@@ -229,17 +251,21 @@ def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu
     assert step.replays == 1 and np.isfinite(float(loss))
 
 
-def test_a_cupy_that_refuses_cublas_in_capture_gets_a_clear_error_before_anything_runs(gpu, tmp_path, capsys):
+def test_where_no_product_can_be_captured_the_step_says_so_before_anything_runs(gpu, tmp_path, capsys, monkeypatch):
     """CuPy 14.2 on an H200 refused every cuBLAS call in a capture ("calling cuBLAS API during
-    stream capture is currently unsupported"): the step says so when it is made, not mid-training."""
-    from minicnn.kernels import gpu as gpu_kernels_module
+    stream capture is currently unsupported"); where cuBLAS called directly cannot be captured
+    either, the step says so when it is made, not mid-training."""
+    from minicnn.kernels import cublas, gpu as gpu_kernels_module
     from minicnn.training import Trainer
-    if minicnn.backend.gpu_module() is not cupy_emulator and gpu_kernels_module.cublas_capturable():
-        pytest.skip("this CuPy can capture cuBLAS calls")
-    gpu_kernels_module._cublas_capturable.clear()
+    if minicnn.backend.gpu_module() is not cupy_emulator:
+        if gpu_kernels_module.cublas_capturable():
+            pytest.skip("this GPU can capture matrix products")
+    else:
+        monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: False})
+    monkeypatch.setattr(gpu_kernels_module, "_cupy_captures_cublas", {})
     model, opt, crit = _setup()
     before = [p.data.copy() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"CUDA graphs are not available with CuPy .*refuses cuBLAS calls"
+    with pytest.raises(RuntimeError, match=r"CUDA graphs are not available here: CuPy .*refuses cuBLAS calls"
                                            r"(.|\n)*without cuda_graph / --cuda-graph"):
         CudaGraphStep(model, crit, opt)
     assert all((p.data == b).all() for p, b in zip(model.parameters(), before))

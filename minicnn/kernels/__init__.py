@@ -17,7 +17,8 @@ import os
 from .im2col import col2im, conv_output_size, im2col
 
 __all__ = ["im2col", "col2im", "conv_output_size", "use_fast_kernels", "fast_kernels",
-           "fast_kernels_enabled", "fast_path", "gpu_path", "cpu_kernels", "gpu_kernels", "PerformanceWarning"]
+           "fast_kernels_enabled", "fast_path", "gpu_path", "cpu_kernels", "gpu_kernels", "matmul",
+           "PerformanceWarning"]
 
 _enabled = os.environ.get("MINICNN_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
 _cpu = None
@@ -94,3 +95,11 @@ def gpu_kernels():
         from . import gpu
         _gpu = gpu
     return _gpu
+
+
+def matmul(a, b):
+    """``a @ b``, except on the GPU while a CUDA graph is being captured: CuPy refuses cuBLAS calls
+    then, and :func:`minicnn.kernels.gpu.matmul` calls cuBLAS directly (minicnn/kernels/cublas.py)."""
+    if _gpu is not None and _gpu.capturing():
+        return _gpu.matmul(a, b)
+    return a @ b

@@ -8,8 +8,10 @@ outputs as the plain code it replaces, shown in its docstring. The layers call t
 :func:`minicnn.kernels.gpu_path` says so (a CuPy float array, fast kernels on); switch them off
 with ``minicnn.kernels.use_fast_kernels(False)`` to run the plain path on the GPU.
 
-Matrix products stay with CuPy (cuBLAS). Whether cuBLAS may use TF32 for float32 products is
-CuPy's setting (``CUPY_TF32=1``; off by default), reported by :func:`tf32_enabled`.
+Matrix products stay with CuPy (cuBLAS), except inside a CUDA-graph capture, where CuPy refuses
+them and :mod:`minicnn.kernels.cublas` calls cuBLAS itself (:func:`matmul`). Whether cuBLAS may
+use TF32 for float32 products is CuPy's setting (``CUPY_TF32=1``; off by default), reported by
+:func:`tf32_enabled` and followed by both.
 """
 import contextlib
 import os
@@ -24,7 +26,8 @@ __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm
            "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "im2col_nhwc", "col2im_nhwc",
            "batchnorm_affine", "bn_relu_pool_forward", "bn_relu_pool_grad_sums", "batchnorm_backward_affine",
            "bn_relu_pool_backward", "dropout", "softmax_cross_entropy",
-           "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "tf32_enabled", "SOURCE"]
+           "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "cupy_captures_cublas",
+           "cublas_capturable", "matmul", "tf32_enabled", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("gpu_kernels.cu")
 THREADS = 256            # threads per block
@@ -99,17 +102,16 @@ def capture_scope():
         _capturing = False
 
 
-_cublas_capturable = {}
+_cupy_captures_cublas = {}
 
 
-def cublas_capturable():
-    """True when CuPy lets a stream capture record cuBLAS calls (matrix products). CuPy 14.2 does not
-    ("calling cuBLAS API during stream capture is currently unsupported"), so a training step, whose
-    convolutions and linear layers are cuBLAS products, cannot become a CUDA graph. Tried once, on a
-    2x2 product in a capture of its own."""
+def cupy_captures_cublas():
+    """True when CuPy lets a stream capture record its cuBLAS calls (``a @ b``). CuPy 14.2 does not
+    ("calling cuBLAS API during stream capture is currently unsupported"). Tried once, on a 2x2
+    product in a capture of its own."""
     cp = gpu_module()
     key = getattr(cp, "__version__", "?")
-    if key not in _cublas_capturable:
+    if key not in _cupy_captures_cublas:
         a = cp.ones((2, 2), dtype=cp.float32)
         pool, stream = cp.cuda.MemoryPool(), cp.cuda.Stream(non_blocking=True)
         ok = True
@@ -121,8 +123,24 @@ def cublas_capturable():
                 ok = False
             finally:
                 stream.end_capture()
-        _cublas_capturable[key] = ok
-    return _cublas_capturable[key]
+        _cupy_captures_cublas[key] = ok
+    return _cupy_captures_cublas[key]
+
+
+def cublas_capturable():
+    """True when a training step's matrix products can be captured in a CUDA graph: by CuPy itself,
+    or else by cuBLAS called directly (:mod:`minicnn.kernels.cublas`, tried once)."""
+    from . import cublas
+    return cupy_captures_cublas() or cublas.available()
+
+
+def matmul(a, b):
+    """``a @ b``; while a CUDA graph is being captured and CuPy refuses cuBLAS calls, by cuBLAS
+    called directly on the capturing stream (:mod:`minicnn.kernels.cublas`)."""
+    if _capturing and not _cupy_captures_cublas.get(getattr(gpu_module(), "__version__", "?"), False):
+        from . import cublas
+        return cublas.gemm(a, b)
+    return a @ b
 
 
 def tf32_enabled():

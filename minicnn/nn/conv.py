@@ -22,7 +22,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from .. import rng as _rng
-from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, workspace
+from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, matmul, workspace
 from ..kernels.im2col import col2im, conv_output_size, im2col
 from .module import Module, Parameter, check_input, uniform_init
 
@@ -58,7 +58,7 @@ def contract_by_image_groups(a, b, n):
     conv1's weight gradient (9 x 32) at batch 1024 took 56 ms of a 108 ms training step on an H200
     that way; split into 128 groups, 2 ms."""
     groups = image_groups(n, a.shape[1], b.shape[1])
-    return (a.reshape(groups, -1, a.shape[1]).transpose(0, 2, 1) @ b.reshape(groups, -1, b.shape[1])).sum(axis=0)
+    return matmul(a.reshape(groups, -1, a.shape[1]).transpose(0, 2, 1), b.reshape(groups, -1, b.shape[1])).sum(axis=0)
 
 
 def column_sums_by_image_groups(d, n):
@@ -114,7 +114,7 @@ class Conv2d(Module):
         to_columns = gpu_kernels().im2col if gpu_path(x) else im2col  # (one CUDA launch on the GPU)
         col = to_columns(x, k, k, s, p)                               # (N*OH*OW, C*K*K)
         w_mat = self.weight.data.reshape(self.out_channels, -1)       # (OC, C*K*K)
-        out = col @ w_mat.T                                           # (N*OH*OW, OC)
+        out = matmul(col, w_mat.T)                                    # = col @ w_mat.T: (N*OH*OW, OC)
         if self.bias is not None:
             out += self.bias.data
         out = xp.ascontiguousarray(out.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2))
@@ -140,7 +140,7 @@ class Conv2d(Module):
         self.weight.accumulate_grad(dw.reshape(self.weight.shape))
         if not input_grad:
             return None
-        dcol = d @ w_mat                                               # (N*OH*OW, C*K*K)
+        dcol = matmul(d, w_mat)                                        # = d @ w_mat: (N*OH*OW, C*K*K)
         from_columns = gpu_kernels().col2im if gpu_path(dcol) else col2im
         return from_columns(dcol, x_shape, k, k, s, p)
 

@@ -387,7 +387,7 @@ class ConvBatchNormReLUPoolGPU:
         x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
         col = gpu.im2col_nhwc(x_nhwc, conv.kernel_size, conv.stride, conv.padding, oh, ow)
         w_col = conv._weight_columns()                                  # (K*K*C, OC)
-        y = (col @ w_col).reshape(n, oh, ow, oc)
+        y = gpu.matmul(col, w_col).reshape(n, oh, ow, oc)
         nbt = bn._buffers["num_batches_tracked"]
         if bn.training:
             nbt += 1                                   # (in place, on the device: no read back)
@@ -426,7 +426,7 @@ class ConvBatchNormReLUPoolGPU:
         conv.weight.accumulate_grad(xp.ascontiguousarray(dw.reshape(ks, ks, c, oc).transpose(3, 2, 0, 1)))
         if not input_grad:
             return None
-        dx = gpu.col2im_nhwc(dy @ w_col.T, x_shape, ks, conv.stride, conv.padding, oh, ow)
+        dx = gpu.col2im_nhwc(gpu.matmul(dy, w_col.T), x_shape, ks, conv.stride, conv.padding, oh, ow)
         return dx.transpose(0, 3, 1, 2)
 
     def backward_params(self, dout):

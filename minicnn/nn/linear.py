@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .. import rng as _rng
-from ..kernels import fast_path, workspace
+from ..kernels import fast_path, matmul, workspace
 from .module import Module, Parameter, check_input, uniform_init
 
 __all__ = ["Flatten", "Linear"]
@@ -52,7 +52,7 @@ class Linear(Module):
 
     def forward(self, x):
         check_input(self, x, ("N", self.in_features), self.weight.dtype)
-        out = x @ self.weight.data.T
+        out = matmul(x, self.weight.data.T)        # x @ W.T (matmul: see minicnn.kernels.matmul)
         if self.bias is not None:
             out += self.bias.data
         self._cache = (x, out.shape)
@@ -64,10 +64,10 @@ class Linear(Module):
         if fast_path(x):     # the same product, into reused memory (minicnn/kernels/workspace.py)
             self.weight.accumulate_grad(np.matmul(dout.T, x, out=workspace.empty(self.weight.shape, x.dtype)))
         else:
-            self.weight.accumulate_grad(dout.T @ x)
+            self.weight.accumulate_grad(matmul(dout.T, x))
         if self.bias is not None:
             self.bias.accumulate_grad(dout.sum(axis=0))
-        return dout @ self.weight.data if input_grad else None
+        return matmul(dout, self.weight.data) if input_grad else None
 
     def backward_params(self, dout):
         self.backward(dout, input_grad=False)

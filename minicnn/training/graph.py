@@ -40,13 +40,14 @@ __all__ = ["CudaGraphStep", "check_cuda_graphs_possible"]
 
 
 def check_cuda_graphs_possible():
-    """A clear error (DeviceError: the command line prints it without a traceback) where this CuPy
-    cannot capture a training step (see gpu.cublas_capturable)."""
+    """A clear error (DeviceError: the command line prints it without a traceback) where a training
+    step's matrix products cannot be captured (see gpu.cublas_capturable)."""
     if not gpu_kernels().cublas_capturable():
-        raise DeviceError(f"CUDA graphs are not available with CuPy {gpu_module().__version__}: it refuses "
-                           "cuBLAS calls (the matrix products of every convolution and linear layer) while "
-                           "a stream is captured. Train without cuda_graph / --cuda-graph: the GPU kernels "
-                           "run all the same, one launch at a time.")
+        raise DeviceError(f"CUDA graphs are not available here: CuPy {gpu_module().__version__} refuses cuBLAS "
+                          "calls (the matrix products of every convolution and linear layer) while a stream is "
+                          "captured, and cuBLAS called directly (minicnn/kernels/cublas.py) could not be captured "
+                          "either. Train without cuda_graph / --cuda-graph: the GPU kernels run all the same, one "
+                          "launch at a time.")
 
 
 class CudaGraphStep:
