@@ -17,10 +17,12 @@ statistics, constants, so dL/dx = g * gamma / sqrt(running_var + eps).
 Running statistics follow PyTorch: running = (1 - momentum) * running +
 momentum * batch, with the *unbiased* batch variance (divided by M - 1).
 
-On the GPU (minicnn's CUDA kernels) the statistics take two launches (float64
-partial sums per channel, then one thread per channel that also updates the
-running statistics), the normalisation one (with the following ReLU fused in,
-when a Sequential has one), and backward the same again.
+On the GPU (minicnn's CUDA kernels) the statistics take three launches (float64
+partial sums per channel, their sum, then one thread per channel that also
+updates the running statistics), the normalisation one (with the following ReLU
+fused in, when a Sequential has one), and backward the same again. After a
+Conv2d, and followed by ReLU and MaxPool2d, a Sequential runs all four as one
+channels-last step instead (minicnn/nn/fused.py).
 
 The fast CPU path computes the same thing on channels-last memory in two
 numba passes each way: forward (one-pass shifted float64 moments, then

@@ -1,6 +1,6 @@
 """A training step as a CUDA graph: captured once, replayed every step.
 
-On a large GPU a batch-64 step of the EmotionClassifier is some 180 small kernel launches and array
+On a large GPU a batch-64 step of the EmotionClassifier is some 110 small kernel launches and array
 operations (``tests/test_gpu.py`` counts them), each finished in microseconds: the step's time goes
 to Python and CuPy issuing them. A CUDA graph records the launches of one step once (CuPy's stream
 capture) and replays all of them with one call.
@@ -14,6 +14,8 @@ from step to step must reach the kernels through device memory, and the step is 
   each replay, by the ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
 * BatchNorm updates its running statistics in place on the device (its batch count too), and
   gradient clipping reads nothing back;
+* the matrix products go through :func:`minicnn.kernels.matmul`, which during a capture calls cuBLAS
+  directly (:mod:`minicnn.kernels.cublas`): CuPy 14.2 refuses its own cuBLAS calls there;
 * nothing reads from the GPU during the capture (the loss and the count of right answers stay on
   the device), and arrays made during the capture take their memory from a pool of the graph's
   own, so that nothing made later is handed memory a replay writes to.
