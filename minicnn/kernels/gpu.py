@@ -36,17 +36,21 @@ MAX_BLOCKS = 65535 * 8   # the grid-stride loops cover any size with at most thi
 INT32_LIMIT = 2 ** 31 - 1 - MAX_BLOCKS * THREADS   # past this many elements, 64-bit index arithmetic
 
 _modules = {}            # (id of the cupy module, dtype, 64-bit indices) -> compiled RawModule
+_functions = {}          # (name, id of the cupy module, dtype, 64-bit indices) -> kernel
 
 
 def _kernel(name, dtype, wide):
     cp = gpu_module()
-    dtype = np.dtype(dtype)
-    key = (id(cp), dtype, wide)
-    if key not in _modules:
-        real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
-        options = (f"-Dreal={real}",) + (("-DWIDE_INDEX",) if wide else ())
-        _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=options)
-    return _modules[key].get_function(name)
+    fkey = (name, id(cp), dtype, wide)
+    if fkey not in _functions:              # (looked up once: launches are the GPU path's hot loop)
+        dtype = np.dtype(dtype)
+        key = (id(cp), dtype, wide)
+        if key not in _modules:
+            real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
+            options = (f"-Dreal={real}",) + (("-DWIDE_INDEX",) if wide else ())
+            _modules[key] = cp.RawModule(code=SOURCE.read_text(), options=options)
+        _functions[fkey] = _modules[key].get_function(name)
+    return _functions[fkey]
 
 
 def _launch(name, dtype, total, *args):
