@@ -56,7 +56,7 @@ def _kernel(name, dtype, wide):
 def _launch(name, dtype, total, *args):
     """Launch kernel ``name`` on enough blocks for ``total`` outputs (a grid-stride loop covers the rest)."""
     blocks = max(1, min(-(-int(total) // THREADS), MAX_BLOCKS))
-    largest = max([int(total)] + [a.size for a in args if hasattr(a, "size") and not isinstance(a, np.generic)])
+    largest = max(int(total), *(getattr(a, "size", 0) for a in args))     # (a NumPy scalar's size is 1)
     _kernel(name, dtype, largest > INT32_LIMIT)((blocks,), (THREADS,), args)
 
 
