@@ -568,19 +568,10 @@ def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, b
     return report
 
 
-def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
-    gemm_before = sgemm_rate()
-    results = []
-    for batch in batch_sizes:
-        jobs = {name: workers.ask(name, "model", batch) for name in workers.available}
-        times = time_interleaved(workers, jobs, warmup, repeats, steady)
-        for (name, what), ts in times.items():
-            med = float(np.median(ts))
-            results.append(dict(backend=name, what=what, batch=batch, median_ms=1e3 * med,
-                                images_per_s=batch / med, repeats=repeats,
-                                flop=(TRAIN_FLOP if what == "train" else FORWARD_FLOP) * batch))
-        print(f"batch {batch}: done", file=sys.stderr)
-    gemm = (gemm_before + sgemm_rate()) / 2
+def add_ratios(results, gemm):
+    """Each row's ratios to the PyTorch rows of the same step and batch: CPU rows to torch-cpu and
+    torch-cpu-cl, GPU rows to torch-cuda (PyTorch's default: TF32 convolutions) and torch-cuda-fp32;
+    and each CPU row's fraction of the GEMM bound (``gemm``: the measured sgemm rate, GFLOP/s)."""
     for r in results:
         for ref, key in (("torch-cpu", "ratio_torch_cpu"), ("torch-cpu-cl", "ratio_torch_cpu_cl")):
             other = next((o for o in results if o["backend"] == ref and o["what"] == r["what"]
@@ -594,6 +585,22 @@ def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
                 r[key] = r["median_ms"] / other["median_ms"]
         if "cupy" not in r["backend"] and "cuda" not in r["backend"]:
             r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
+
+
+def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
+    gemm_before = sgemm_rate()
+    results = []
+    for batch in batch_sizes:
+        jobs = {name: workers.ask(name, "model", batch) for name in workers.available}
+        times = time_interleaved(workers, jobs, warmup, repeats, steady)
+        for (name, what), ts in times.items():
+            med = float(np.median(ts))
+            results.append(dict(backend=name, what=what, batch=batch, median_ms=1e3 * med,
+                                images_per_s=batch / med, repeats=repeats,
+                                flop=(TRAIN_FLOP if what == "train" else FORWARD_FLOP) * batch))
+        print(f"batch {batch}: done", file=sys.stderr)
+    gemm = (gemm_before + sgemm_rate()) / 2
+    add_ratios(results, gemm)
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                   command="python -m benchmarks " + " ".join(sys.argv[1:]),
                   sgemm_gflops=gemm, train_flop_per_image=TRAIN_FLOP, forward_flop_per_image=FORWARD_FLOP,

@@ -82,6 +82,23 @@ def test_gpu_backends_run_their_steps_and_the_table_shows_gpu_ratios(gpu):
     assert "vs torch-cuda" in table and "0.80x" in table and f"{28709 / 128000:.1f} s" in table
 
 
+def test_gpu_rows_get_ratios_to_both_pytorch_cuda_settings_and_cpu_rows_to_the_cpu_ones():
+    rows = [dict(backend=b, what="train", batch=64, median_ms=ms, images_per_s=64 / ms * 1e3, flop=1e9)
+            for b, ms in (("minicnn-cupy", 3.0), ("minicnn-cupy-tf32", 2.0), ("torch-cuda", 4.0),
+                          ("torch-cuda-fp32", 6.0), ("minicnn-fast", 50.0), ("torch-cpu-cl", 40.0))]
+    rows.append(dict(rows[0], batch=256, median_ms=9.0))           # no PyTorch row at this batch: no ratios
+    bench.add_ratios(rows, 100.0)
+    by = {(r["backend"], r["batch"]): r for r in rows}
+    assert by["minicnn-cupy", 64]["ratio_torch_cuda"] == 0.75
+    assert by["minicnn-cupy", 64]["ratio_torch_cuda_fp32"] == 0.5
+    assert by["minicnn-cupy-tf32", 64]["ratio_torch_cuda"] == 0.5
+    assert by["minicnn-fast", 64]["ratio_torch_cpu_cl"] == 1.25 and "ratio_torch_cuda" not in by["minicnn-fast", 64]
+    assert not any(k.startswith("ratio") for k in by["torch-cuda-fp32", 64])
+    assert not any(k.startswith("ratio") for k in by["minicnn-cupy", 256])
+    table = bench.format_table(rows, 100.0)
+    assert "vs torch-cuda-fp32" in table and "0.50x" in table
+
+
 def test_the_cuda_graph_backend_runs_its_steps(gpu, capturable_cublas):
     _run_gpu_backends(("minicnn-cupy-graph",))
 
