@@ -132,7 +132,8 @@ def gemm(a, b):
             handle, op_b, op_a, n, m, k, ctypes.byref(one),
             ctypes.c_void_p(b3.data.ptr), dtype, ld_b, stride_b,
             ctypes.c_void_p(a3.data.ptr), dtype, ld_a, stride_a, ctypes.byref(zero),
-            ctypes.c_void_p(out.data.ptr), dtype, n, m * n, batch, compute, _GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
+            ctypes.c_void_p(out.data.ptr), dtype, n, m * n, batch, compute, _GEMM_DEFAULT),
+               "cublasGemmStridedBatchedEx")
     return out if a.ndim == 3 else out[0]
 
 
