@@ -306,7 +306,7 @@ class Workers:
     def __init__(self, names):
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
-        self.conns, self.procs = {}, []
+        self.conns, self.procs, self.failed = {}, [], {}
         for name in names:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, name), daemon=True)
@@ -337,6 +337,18 @@ class Workers:
         if kind == "error":
             raise RuntimeError(f"benchmark worker {name!r} failed:\n{value}")
         return value
+
+    def ask_or_drop(self, name, *msg):
+        """:meth:`ask`, but a backend that fails (or whose worker dies) once the run is under way is
+        dropped from it, its error kept in ``failed`` and reported, and None returned: one broken
+        backend does not lose the others' numbers."""
+        try:
+            return self.ask(name, *msg)
+        except RuntimeError as exc:
+            self.available.remove(name)
+            self.failed[name] = str(exc)
+            print(f"benchmark: dropped {name}: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+            return None
 
     def close(self):
         for n in self.available:
@@ -411,15 +423,17 @@ def time_interleaved(workers, jobs, warmup, repeats, steady=True):
     both libraries: training at batch 64 after 0.5 s asleep, 118 ms against 86 back to back
     (minicnn, whose step hands work between threads a few hundred times) and 110 against 94-101
     (PyTorch). False: time that first step (``--cold``)."""
+    times = {(name, job): [] for name, names in jobs.items() for job in names}
     for name, names in jobs.items():
         for job in names:
-            workers.ask(name, "run", job, warmup)
-    times = {(name, job): [] for name, names in jobs.items() for job in names}
+            if name in workers.available:
+                workers.ask_or_drop(name, "run", job, warmup)
     for _ in range(repeats):
         for name, names in jobs.items():
             for job in names:
-                times[(name, job)] += workers.ask(name, "run", job, 1, 1 if steady else 0)
-    return times
+                if name in workers.available:
+                    times[(name, job)] += workers.ask_or_drop(name, "run", job, 1, 1 if steady else 0) or []
+    return {key: ts for key, ts in times.items() if key[0] in workers.available}
 
 
 def _rss_kb(field):
@@ -468,7 +482,7 @@ def layer_benchmarks(workers, batch, warmup, repeats, steady=True):
     """Forward and backward of each layer of the network at its real input shape."""
     rows = []
     for lname in LAYERS:
-        jobs = {name: workers.ask(name, "layer", lname, batch) for name in workers.available}
+        jobs = {name: workers.ask_or_drop(name, "layer", lname, batch) for name in list(workers.available)}
         jobs = {name: names for name, names in jobs.items() if names}
         times = time_interleaved(workers, jobs, warmup, repeats, steady)
         for (bname, what), ts in times.items():
@@ -538,8 +552,8 @@ def machine_info(workers):
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
     except OSError:
         pass
-    for name in workers.available:
-        info.update(workers.ask(name, "info"))
+    for name in list(workers.available):
+        info.update(workers.ask_or_drop(name, "info") or {})
     return info
 
 
@@ -551,6 +565,8 @@ def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, b
     with Workers(names) as workers:
         report = _run(workers, batch_sizes, repeats, warmup, layers, steady)
         report["machine"] = machine_info(workers)
+        if workers.failed:
+            report["failed"] = workers.failed
     if memory:
         report["peak_memory_mb"] = {name: peak_memory_mb(name, batch_sizes[0])
                                     for name in ("minicnn-fast", "minicnn-plain", "torch-cpu", "torch-cpu-cl")
@@ -591,7 +607,8 @@ def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
     gemm_before = sgemm_rate()
     results = []
     for batch in batch_sizes:
-        jobs = {name: workers.ask(name, "model", batch) for name in workers.available}
+        jobs = {name: workers.ask_or_drop(name, "model", batch) for name in list(workers.available)}
+        jobs = {name: names for name, names in jobs.items() if names}
         times = time_interleaved(workers, jobs, warmup, repeats, steady)
         for (name, what), ts in times.items():
             med = float(np.median(ts))
@@ -654,6 +671,8 @@ def main(argv=None):
         print(f"\npeak extra memory of a training step at batch {report['peak_memory_batch']} (MB): "
               + ", ".join(f"{k} {v:.0f}" for k, v in report["peak_memory_mb"].items() if v is not None))
         print(f"cold start (fresh process: import, numba cache load, first step): {report['cold_start_s']:.1f} s")
+    for name, error in report.get("failed", {}).items():
+        print(f"\n{name} failed during the run and was left out:\n{error}")
     if args.out:
         prefix = "gpu-" if args.gpu else ""
         print(f"\nwrote {os.path.join(args.out, prefix + 'latest.json')} and {prefix}latest.png")

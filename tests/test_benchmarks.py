@@ -71,6 +71,16 @@ def test_a_failing_worker_is_reported_with_its_name_and_reason():
         bench.Workers(["nope"])
 
 
+def test_a_backend_that_fails_mid_run_is_dropped_and_the_others_are_timed():
+    with bench.Workers(["minicnn-plain", "minicnn-fast"]) as workers:
+        jobs = {name: workers.ask(name, "model", 2) for name in workers.available}
+        jobs["minicnn-plain"] = ["no such job"]                  # the worker raises a KeyError
+        times = bench.time_interleaved(workers, jobs, warmup=1, repeats=2)
+        assert set(times) == {("minicnn-fast", "train"), ("minicnn-fast", "infer")}
+        assert all(len(ts) == 2 for ts in times.values())
+        assert workers.available == ["minicnn-fast"] and "KeyError" in workers.failed["minicnn-plain"]
+
+
 def test_gpu_backends_run_their_steps_and_the_table_shows_gpu_ratios(gpu):
     """The GPU backends' steps (plain, kernels) run in-process on the GPU or its emulator;
     the table gains the PyTorch-CUDA ratio and the FER2013 epoch time (numbers here are made up)."""
