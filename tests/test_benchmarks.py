@@ -40,9 +40,9 @@ def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
 def test_each_timed_step_follows_an_untimed_one_unless_cold(steady):
     class Workers:
         def __init__(self):
-            self.asked = []
+            self.asked, self.available = [], ["a", "b"]
 
-        def ask(self, name, *msg):
+        def ask_or_drop(self, name, *msg):
             self.asked.append((name,) + msg)
             return [0.001] * msg[2]
     workers = Workers()
