@@ -273,6 +273,41 @@ def test_cross_entropy_kernel_with_weights_and_smoothing_matches_the_cpu(gpu):
         np.testing.assert_allclose(to_numpy(dev.backward(2.0)), cpu.backward(2.0), rtol=1e-10, atol=1e-14)
 
 
+def _what_cublas_reads(x, op, ld, stride, rows, cols, batch):
+    """op(X) (batch, rows, cols) as cuBLAS reads it at x's address: column-major, leading dimension
+    ``ld``, matrices ``stride`` apart (all in elements); first checked to lie inside x's memory."""
+    from numpy.lib.stride_tricks import as_strided
+    stored = (rows, cols) if op == 0 else (cols, rows)
+    base = x if x.base is None else x.base
+    start = x.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    last = start + ((batch - 1) * stride + (stored[0] - 1) + (stored[1] - 1) * ld) * x.itemsize
+    assert stored[0] <= ld and 0 <= start and last < base.nbytes, "cuBLAS would read outside the operand"
+    m = as_strided(x, shape=(batch,) + stored, strides=(stride * x.itemsize, x.itemsize, ld * x.itemsize))
+    return m if op == 0 else m.transpose(0, 2, 1)
+
+
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 5),
+       st.sampled_from(["c", "t", "sliced"]), st.sampled_from(["c", "t", "sliced"]))
+def test_the_direct_cublas_call_reads_the_operands_as_they_are(batch, m, k, n, a_layout, b_layout):
+    """minicnn.kernels.cublas.plan, replayed by NumPy as cuBLAS would read memory (column-major):
+    the product it describes is a @ b, for C-ordered operands, transposed views and sliced rows."""
+    from minicnn.kernels import cublas
+    rng = np.random.default_rng(batch * 1000 + m * 100 + k * 10 + n)
+
+    def operand(rows, cols, layout):
+        if layout == "t":
+            return rng.standard_normal((batch, cols, rows)).transpose(0, 2, 1)
+        if layout == "sliced":
+            return rng.standard_normal((batch, rows + 2, cols * 2))[:, 1:rows + 1, ::2]
+        return rng.standard_normal((batch, rows, cols))
+    a, b = operand(m, k, a_layout), operand(k, n, b_layout)
+    first, op1, ld1, stride1, second, op2, ld2, stride2, cm, cn, ck = cublas.plan(a, b)
+    assert (cm, cn, ck) == (n, m, k)
+    c_t = (_what_cublas_reads(first, op1, ld1, stride1, cm, ck, batch)
+           @ _what_cublas_reads(second, op2, ld2, stride2, ck, cn, batch))      # C^T, column-major
+    np.testing.assert_allclose(c_t.transpose(0, 2, 1), a @ b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not minicnn.backend.gpu_available(), reason="CuPy with an NVIDIA GPU is not available")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

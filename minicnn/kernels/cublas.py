@@ -21,9 +21,9 @@ import os
 
 import numpy as np
 
-from ..backend import gpu_module
+from ..backend import get_array_module, gpu_module
 
-__all__ = ["gemm", "available"]
+__all__ = ["gemm", "plan", "available"]
 
 WORKSPACE_BYTES = 32 << 20
 
@@ -92,25 +92,40 @@ def _handle():
 
 
 def _operand(x):
-    """(array, op, leading dimension, batch stride) of a (batch, rows, cols) operand, in elements."""
+    """(array, op, leading dimension, batch stride) of a (batch, rows, cols) operand, in elements:
+    how cuBLAS (column-major) is to read it."""
     b, r, c = x.shape
-    item = x.itemsize
-    s0, s1, s2 = (s // item for s in x.strides)
+    s0, s1, s2 = (s // x.itemsize for s in x.strides)
     if (s2 == 1 or c == 1) and (s1 >= max(c, 1) or r == 1):
         return x, _OP_N, max(s1 if r > 1 else c, 1), (s0 if b > 1 else r * c)
     if (s1 == 1 or r == 1) and (s2 >= max(r, 1) or c == 1):
         return x, _OP_T, max(s2 if c > 1 else r, 1), (s0 if b > 1 else r * c)
-    return _operand(gpu_module().ascontiguousarray(x))
+    return _operand(get_array_module(x).ascontiguousarray(x))
+
+
+def _check_shapes(a, b):
+    if a.ndim != b.ndim or a.ndim not in (2, 3) or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"gemm: cannot multiply shapes {a.shape} and {b.shape} (2-D, or 3-D with equal batches)")
+    if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"gemm: float32 or float64 operands of one dtype, got {a.dtype} and {b.dtype}")
+
+
+def plan(a, b):
+    """The cuBLAS call for a @ b (both 3-D): (first operand, its op, ld, batch stride, second
+    operand, its op, ld, batch stride, m, n, k) with cuBLAS's m, n, k. Column-major, the
+    C-contiguous (batch, M, N) result is C^T (N x M) = B^T (N x K) A^T (K x M): b goes first."""
+    batch, m_rows, k = a.shape
+    n_cols = b.shape[2]
+    b3, op_b, ld_b, stride_b = _operand(b)
+    a3, op_a, ld_a, stride_a = _operand(a)
+    return b3, op_b, ld_b, stride_b, a3, op_a, ld_a, stride_a, n_cols, m_rows, k
 
 
 def gemm(a, b):
     """a @ b for CuPy float arrays of 2 dimensions, or 3 with equal batch sizes, by cuBLAS called
     directly on the current stream (graph-capturable); a new C-contiguous result."""
     cp = gpu_module()
-    if a.ndim != b.ndim or a.ndim not in (2, 3) or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"gemm: cannot multiply shapes {a.shape} and {b.shape} (2-D, or 3-D with equal batches)")
-    if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"gemm: float32 or float64 operands of one dtype, got {a.dtype} and {b.dtype}")
+    _check_shapes(a, b)
     a3, b3 = (x if x.ndim == 3 else x[None] for x in (a, b))
     batch, m, k = a3.shape
     n = b3.shape[2]
@@ -123,15 +138,13 @@ def gemm(a, b):
         dtype = _R_64F if double else _R_32F
         compute = _COMPUTE_64F if double else (_COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F)
         one, zero = (ctypes.c_double(1), ctypes.c_double(0)) if double else (ctypes.c_float(1), ctypes.c_float(0))
-        # Column-major: C^T (n x m) = B^T (n x k) A^T (k x m), so B goes first.
-        b3, op_b, ld_b, stride_b = _operand(b3)
-        a3, op_a, ld_a, stride_a = _operand(a3)
+        first, op1, ld1, stride1, second, op2, ld2, stride2, cm, cn, ck = plan(a3, b3)
         lib, handle = _library(), _handle()
         _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cp.cuda.get_current_stream().ptr)), "cublasSetStream")
         _check(lib.cublasGemmStridedBatchedEx(
-            handle, op_b, op_a, n, m, k, ctypes.byref(one),
-            ctypes.c_void_p(b3.data.ptr), dtype, ld_b, stride_b,
-            ctypes.c_void_p(a3.data.ptr), dtype, ld_a, stride_a, ctypes.byref(zero),
+            handle, op1, op2, cm, cn, ck, ctypes.byref(one),
+            ctypes.c_void_p(first.data.ptr), dtype, ld1, stride1,
+            ctypes.c_void_p(second.data.ptr), dtype, ld2, stride2, ctypes.byref(zero),
             ctypes.c_void_p(out.data.ptr), dtype, n, m * n, batch, compute, _GEMM_DEFAULT),
                "cublasGemmStridedBatchedEx")
     return out if a.ndim == 3 else out[0]
