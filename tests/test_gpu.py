@@ -106,7 +106,7 @@ def test_channels_last_im2col_and_col2im_kernels_match_the_cpu_kernels(gpu, shap
     np.testing.assert_allclose(to_numpy(dx), want, rtol=1e-6, atol=1e-6)
 
 
-@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(2, 9), st.sampled_from([(3, 1, 1),
+@given(st.integers(1, 3), st.integers(1, 5), st.sampled_from([1, 3, 4, 8]), st.integers(2, 9), st.sampled_from([(3, 1, 1),
        (1, 1, 0), (3, 2, 0), (5, 1, 2), (2, 2, 1)]), st.sampled_from([2, 3]), st.booleans(), st.booleans(),
        st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
 def test_fused_conv_block_on_the_gpu_equals_the_four_layers_on_the_cpu(gpu, n, c, oc, hw, conv, k, training, bias,

@@ -290,7 +290,8 @@ def _row_slices(m, c):
 
 
 def _vector(c):
-    """Channels per thread in im2col_nhwc/col2im_nhwc: 4 when C is a multiple of 4."""
+    """Channels per thread in the channels-last kernels: 4 when C is a multiple of 4 (the integer
+    divisions that locate a thread's values are then done once per 4 of them)."""
     return 4 if c % 4 == 0 else 1
 
 
@@ -350,8 +351,9 @@ def bn_relu_pool_forward(y, scale, shift, k):
     oh, ow = h // k, w // k
     out = cp.empty((n, oh, ow, c), dtype=y.dtype)
     arg = cp.empty((n, oh, ow, c), dtype=np.uint8)
-    _launch("bn_relu_pool_forward_nhwc", y.dtype, out.size, _contiguous(y), scale, shift, out, arg,
-            *map(_i, (n, h, w, c, k, oh, ow)))
+    v = _vector(c)
+    _launch("bn_relu_pool_forward_nhwc", y.dtype, out.size // v, _contiguous(y), scale, shift, out, arg,
+            *map(_i, (n, h, w, c, k, oh, ow, v)))
     return out, arg
 
 
@@ -387,8 +389,9 @@ def bn_relu_pool_backward(g, arg, y, scale, shift, a, b, c0, k):
     n, h, w, c = y.shape
     oh, ow = g.shape[1:3]
     dy = cp.empty_like(y)
-    _launch("bn_relu_pool_backward_nhwc", y.dtype, y.size, _contiguous(g), arg, y, scale, shift, a, b, c0, dy,
-            *map(_i, (n, h, w, c, k, oh, ow)))
+    v = _vector(c)
+    _launch("bn_relu_pool_backward_nhwc", y.dtype, y.size // v, _contiguous(g), arg, y, scale, shift, a, b, c0, dy,
+            *map(_i, (n, h, w, c, k, oh, ow, v)))
     return dy
 
 

@@ -403,28 +403,40 @@ extern "C" __global__ void batchnorm_affine(const double* sums, const real* y, c
     }
 }
 
-// out[n, py, px, ch] = the maximum over the k x k window of relu(y * scale + shift), and arg = i*k + j
-// of its first maximum (cpu.py's bn_relu_pool_forward; the ReLU keeps NaN as NaN, as relu_forward).
-extern "C" __global__ void bn_relu_pool_forward_nhwc(const real* y, const real* scale, const real* shift, real* out,
-                                                     unsigned char* arg, int n, int h, int w, int c, int k, int oh,
-                                                     int ow) {
-    const idx total = (idx)n * oh * ow * c;
-    GRID_STRIDE_LOOP(e, total) {
-        int ch = (int)(e % c);
-        idx cell = e / c, r2 = cell / ow;
-        int px = (int)(cell % ow), py = (int)(r2 % oh);
-        idx ni = r2 / oh;
-        const real sc = scale[ch], sh = shift[ch];
+template <int V>
+__device__ __forceinline__ void bn_relu_pool_group(const real* y, const real* scale, const real* shift, real* out,
+                                                   unsigned char* arg, idx e, int groups, int h, int w, int c,
+                                                   int k, int oh, int ow) {
+    int ch0 = (int)(e % groups) * V;
+    idx cell = e / groups, r2 = cell / ow;
+    int px = (int)(cell % ow), py = (int)(r2 % oh);
+    const real* window = y + (((r2 / oh) * h + py * k) * w + px * k) * c + ch0;
+    for (int u = 0; u < V; ++u) {
+        const real sc = scale[ch0 + u], sh = shift[ch0 + u];
         real best = 0;
         int where = 0;
         for (int i = 0; i < k; ++i)
             for (int j = 0; j < k; ++j) {
-                real v = y[((ni * h + py * k + i) * w + px * k + j) * c + ch] * sc + sh;
+                real v = window[((idx)i * w + j) * c + u] * sc + sh;
                 v = v > 0 ? v : v * 0;
                 if ((i == 0 && j == 0) || v > best) { best = v; where = i * k + j; }
             }
-        out[e] = best;
-        arg[e] = (unsigned char)where;
+        out[cell * c + ch0 + u] = best;
+        arg[cell * c + ch0 + u] = (unsigned char)where;
+    }
+}
+
+// out[n, py, px, ch] = the maximum over the k x k window of relu(y * scale + shift), and arg = i*k + j
+// of its first maximum (cpu.py's bn_relu_pool_forward; the ReLU keeps NaN as NaN, as relu_forward).
+// Each thread does v neighbouring channels (4 when C allows), as im2col_nhwc.
+extern "C" __global__ void bn_relu_pool_forward_nhwc(const real* y, const real* scale, const real* shift, real* out,
+                                                     unsigned char* arg, int n, int h, int w, int c, int k, int oh,
+                                                     int ow, int v) {
+    const int groups = c / v;
+    const idx total = (idx)n * oh * ow * groups;
+    GRID_STRIDE_LOOP(e, total) {
+        if (v == 4) bn_relu_pool_group<4>(y, scale, shift, out, arg, e, groups, h, w, c, k, oh, ow);
+        else bn_relu_pool_group<1>(y, scale, shift, out, arg, e, groups, h, w, c, k, oh, ow);
     }
 }
 
@@ -477,21 +489,34 @@ extern "C" __global__ void batchnorm_backward_affine(const double* sums, const d
     }
 }
 
-// Backward step 3, one thread per conv output value: dL/dy = a * g_bn + b * y + c0.
+template <int V>
+__device__ __forceinline__ void bn_relu_pool_backward_group(const real* g, const unsigned char* arg, const real* y,
+                                                            const real* scale, const real* shift, const real* a,
+                                                            const real* b, const real* c0, real* dy, idx e,
+                                                            int groups, int h, int w, int c, int k, int oh, int ow) {
+    int ch0 = (int)(e % groups) * V;
+    idx pix = e / groups, r2 = pix / w;
+    int xx = (int)(pix % w), yy = (int)(r2 % h), py = yy / k, px = xx / k;
+    bool inside = py < oh && px < ow;
+    idx o = ((((r2 / h) * oh + py) * ow + px) * c) + ch0;          // (the pooled cell; used only inside)
+    int pos = (yy - py * k) * k + (xx - px * k);
+    for (int u = 0; u < V; ++u) {
+        int ch = ch0 + u;
+        real yv = y[pix * c + ch], gv = yv * 0;
+        if (inside && arg[o + u] == pos && yv * scale[ch] + shift[ch] > 0) gv = g[o + u];
+        dy[pix * c + ch] = a[ch] * gv + b[ch] * yv + c0[ch];
+    }
+}
+
+// Backward step 3, one thread per v neighbouring conv output values: dL/dy = a * g_bn + b * y + c0.
 extern "C" __global__ void bn_relu_pool_backward_nhwc(const real* g, const unsigned char* arg, const real* y,
                                                       const real* scale, const real* shift, const real* a,
                                                       const real* b, const real* c0, real* dy, int n, int h, int w,
-                                                      int c, int k, int oh, int ow) {
-    const idx total = (idx)n * h * w * c;
+                                                      int c, int k, int oh, int ow, int v) {
+    const int groups = c / v;
+    const idx total = (idx)n * h * w * groups;
     GRID_STRIDE_LOOP(e, total) {
-        int ch = (int)(e % c);
-        idx pix = e / c, r2 = pix / w;
-        int xx = (int)(pix % w), yy = (int)(r2 % h), py = yy / k, px = xx / k;
-        real yv = y[e], gv = yv * 0;
-        if (py < oh && px < ow) {
-            idx o = (((r2 / h) * oh + py) * ow + px) * c + ch;
-            if (arg[o] == (yy - py * k) * k + (xx - px * k) && yv * scale[ch] + shift[ch] > 0) gv = g[o];
-        }
-        dy[e] = a[ch] * gv + b[ch] * yv + c0[ch];
+        if (v == 4) bn_relu_pool_backward_group<4>(g, arg, y, scale, shift, a, b, c0, dy, e, groups, h, w, c, k, oh, ow);
+        else bn_relu_pool_backward_group<1>(g, arg, y, scale, shift, a, b, c0, dy, e, groups, h, w, c, k, oh, ow);
     }
 }
