@@ -1,14 +1,16 @@
 #!/bin/sh
 # The GPU check, in one go, for a machine with an NVIDIA GPU and CuPy (no install needed: it runs
-# from the checkout): the environment, every GPU test, then the GPU benchmark. Results go to $OUT
-# (default benchmarks/results): gpu-env.txt, gpu-tests.txt, gpu-benchmark.txt, gpu-latest.json,
-# gpu-<date>.json and gpu-latest.png.
+# from the checkout): the environment, a smoke test, every GPU test, the GPU benchmark, then where
+# the step's time goes (benchmarks/gpu_profile.py). Results go to $OUT (default benchmarks/results):
+# gpu-env.txt, gpu-smoke.txt, gpu-tests.txt, gpu-benchmark.txt, gpu-latest.json, gpu-<date>.json,
+# gpu-latest.png and gpu-profile.txt.
 #
 #     sh benchmarks/gpu_check.sh                 # or: OUT=/tmp/out PYTHON=python3.12 sh benchmarks/gpu_check.sh
-#     TEST_TIMEOUT=200 BENCH_TIMEOUT=200 sh benchmarks/gpu_check.sh      # tighter limits (seconds)
+#     TEST_TIMEOUT=200 BENCH_TIMEOUT=200 PROFILE_TIMEOUT=60 sh benchmarks/gpu_check.sh   # tighter limits (s)
 #
-# Budget: under 10 minutes in all (the tests get 5, the benchmark 4; its CPU rows compile minicnn's
-# numba kernels first, some 15 s), so that it fits one call of a lent machine.
+# Budget: under 10 minutes in all (the tests get 4, the benchmark 4, the profile 1.5; the
+# benchmark's CPU rows compile minicnn's numba kernels first, some 15 s), so that it fits one call
+# of a lent machine.
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +59,8 @@ PY
 
 # Every test case that runs on CuPy: the backend-parametrised gradient checks and PyTorch parity
 # tests (plain path and CUDA kernels), the kernels, CUDA graphs, training and the benchmark's GPU rows.
-timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -k "cupy" --maxfail=20 -rfs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "cupy" --maxfail=20 -rfs tests 2>&1 | tail -60 | tee "$OUT/gpu-tests.txt"
 
 timeout ${BENCH_TIMEOUT:-240} $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
+
+timeout ${PROFILE_TIMEOUT:-90} $PY -m benchmarks.gpu_profile 2>&1 | tee "$OUT/gpu-profile.txt"

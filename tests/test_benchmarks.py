@@ -136,3 +136,17 @@ def _run_gpu_backends(names):
         backend.sync()
         assert to_numpy(infer()).shape == (4, 7)
         assert backend.info()["gpu_name"]
+
+
+def test_the_gpu_profile_times_each_stage_and_the_graph_step(gpu, capturable_cublas, capsys):
+    from benchmarks import gpu_profile
+    from minicnn.kernels import gpu_kernels
+    gpu_profile.stages(4, repeats=1)
+    gpu_profile.graph_step(4, repeats=1)
+    out = capsys.readouterr().out
+    assert "== batch 4: training step" in out
+    for what in ("features.0 ConvBatchNormReLUPoolGPU backward", "classifier.1 Linear forward", "optimizer step",
+                 "kernel bn_relu_pool_backward", "kernel matmul"):
+        assert what in out
+    assert "graph replay" in out
+    assert not hasattr(gpu_kernels().matmul, "__wrapped__") and gpu_kernels().matmul.__name__ == "matmul"
