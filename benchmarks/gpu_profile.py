@@ -50,7 +50,6 @@ def _median_ms(fn, repeats):
 
 def stages(batch, repeats=5):
     """Print the step's median time, then each plan step's and kernel's (synchronised) median."""
-    import minicnn.nn.conv as conv
     model, crit, opt, x, y = _setup(batch)
     timings, restore = defaultdict(list), []
 
@@ -80,7 +79,6 @@ def stages(batch, repeats=5):
         gpu = gpu_kernels()
         for name in KERNELS:
             timed(gpu, name, "  kernel " + name)
-        timed(conv, "contract_by_image_groups", "  kernel contract_by_image_groups")
         try:
             synced_ms = _median_ms(lambda: train_step(model, crit, opt, x, y), repeats)
         finally:

@@ -344,17 +344,14 @@ def test_direct_cublas_products_equal_cupys_in_every_layout_and_in_a_capture(dty
     np.testing.assert_allclose(cp.asnumpy(c), cp.asnumpy(a @ b), rtol=tol, atol=tol)
 
 
-def test_contractions_are_split_into_groups_of_images_by_the_size_of_their_result():
-    """The weight gradients' sums over N*OH*OW rows: as many groups as a small result needs to fill
-    a GPU (about 256 tiles of 64 x 64 in all), at most 128, always whole images."""
+def test_column_sums_are_split_into_groups_of_whole_images():
+    """A GPU column sum over N*OH*OW rows: about 256 blocks of 64 columns in all, at most 128 groups,
+    always whole images."""
     from minicnn.nn.conv import image_groups
-    assert image_groups(1024, 9, 32) == 128           # conv1's dW: one tile per group
-    assert image_groups(256, 288, 64) == 32           # conv2's: 5 tiles per group
-    assert image_groups(256, 1152, 256) == 4          # conv4's: 72 tiles per group
-    assert image_groups(256, 4096, 4096) == 1
+    assert image_groups(1024, 32) == 128 and image_groups(1024, 256) == 64 and image_groups(12, 32) == 12
     for n in range(1, 60):
-        for rows, cols in ((9, 32), (300, 70), (2000, 2000)):
-            g = image_groups(n, rows, cols)
+        for q in (1, 32, 300, 5000):
+            g = image_groups(n, q)
             assert n % g == 0 and 1 <= g <= min(n, 128)
 
 

@@ -361,7 +361,7 @@ class ConvBatchNormReLUPoolGPU:
                    out, arg = maxpool(relu(y*scale + shift))   one pass; y is kept, not xhat
         backward:  sum(g_bn), sum(g_bn * (y - mean))           over each window's winner only
                    dy = a * g_bn + b * y + c0                  one pass
-                   dWc = col^T dy                              (in groups of images: conv.py)
+                   dWc = col^T dy                              one product over all N*OH*OW rows
                    dx = col2im_nhwc(dy @ Wc^T)                 a gather, coalesced on NHWC
 
     The per-layer GPU path writes and rereads the full-size activation nine times more (bias,
@@ -406,7 +406,6 @@ class ConvBatchNormReLUPoolGPU:
                                "nothing was kept for it; run the forward pass outside no_grad()")
         if self._cache is None:
             raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
-        from .conv import contract_by_image_groups
         conv, bn, gpu, xp = self.conv, self.bn, gpu_kernels(), get_array_module(dout)
         x_shape, col, w_col, y, mean, inv_std, scale, shift, arg, training = self._cache
         n, oh, ow, oc = y.shape
@@ -422,7 +421,7 @@ class ConvBatchNormReLUPoolGPU:
             conv.bias.accumulate_grad(dbias)
         dy = gpu.bn_relu_pool_backward(g, arg, y, scale, shift, a, b, c0, k).reshape(-1, oc)
         ks, c = conv.kernel_size, conv.in_channels
-        dw = contract_by_image_groups(col, dy, n)                       # (K*K*C, OC), Wc's layout
+        dw = gpu.matmul(col.T, dy)                   # (K*K*C, OC), Wc's layout; one product over all rows
         conv.weight.accumulate_grad(xp.ascontiguousarray(dw.reshape(ks, ks, c, oc).transpose(3, 2, 0, 1)))
         if not input_grad:
             return None
