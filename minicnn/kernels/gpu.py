@@ -204,11 +204,11 @@ def maxpool_backward(dout, arg, x_shape, k, stride):
 
 
 # --- BatchNorm (and the ReLU after it, fused) --------------------------------------------------
-# Partial sums per channel in the statistics and gradient sums: one thread each, about
-# VALUES_PER_SLICE values apiece, at least MIN_SLICES and at most MAX_SLICES. A fixed 256 gave the
-# first block at batch 1024 (2.4M values per channel, 32 channels) 8,192 threads of 9,216 values
-# each, a few warps per multiprocessor of an H200: its BatchNorm backward took 8.5 ms of a 39 ms
-# step. (This scaling is not yet timed on a GPU.)
+# Partial sums per channel in the per-layer BatchNorm's statistics and gradient sums: one thread
+# each, about VALUES_PER_SLICE values apiece, at least MIN_SLICES and at most MAX_SLICES. A fixed 256
+# gave the first block at batch 1024 (2.4M values per channel, 32 channels) 8,192 threads of 9,216
+# values each, a few warps per multiprocessor of an H200: its BatchNorm backward took 8.5 ms of a
+# 39 ms step. (The EmotionClassifier's BatchNorms now run in the channels-last conv block instead.)
 MIN_SLICES, MAX_SLICES, VALUES_PER_SLICE = 256, 4096, 512
 
 
