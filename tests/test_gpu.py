@@ -157,6 +157,37 @@ def test_fused_conv_block_on_the_gpu_in_eval_under_no_grad_keeps_nothing(gpu):
         net.backward(got)
 
 
+def test_fused_conv_block_on_the_gpu_refuses_bad_input_before_changing_anything(gpu):
+    """Wrong input channels, an input smaller than the pool, one value per channel in training, a
+    gradient of the wrong shape, a backward before any forward: clear errors, and the weights, the
+    running statistics and the batch count are left as they were."""
+    from minicnn.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
+    net = Sequential(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2)).to(gpu)
+    before = {k: to_numpy(v).copy() for k, v in net.state_dict().items()}
+    fresh = Sequential(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2)).to(gpu)
+    fresh(to_device(np.zeros((2, 3, 4, 4), np.float32), gpu))
+    fresh._last_plan[0]._cache = None                      # (as if the forward had never run)
+    cases = [(np.zeros((2, 5, 6, 6)), ValueError, r"expects input of shape \(N, 3, H, W\), got \(2, 5, 6, 6\)"),
+             (np.zeros((2, 3, 1, 1)), ValueError, r"smaller than the kernel \(2x2\)"),
+             (np.zeros((1, 3, 1, 1)), ValueError, "more than one value per channel")]
+    for x, error, message in cases:
+        with pytest.raises(error, match=message):
+            net(to_device(x.astype(np.float32), gpu))
+    out = net(to_device(np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32), gpu))
+    after_forward = {k: to_numpy(v).copy() for k, v in net.state_dict().items()}
+    assert after_forward["1.num_batches_tracked"] == before["1.num_batches_tracked"] + 1   # (the good one counts)
+    with pytest.raises(ValueError, match=r"expects a gradient of the output's shape \(2, 4, 3, 3\), got \(2, 4, 6, 6\)"):
+        net.backward(to_device(np.zeros((2, 4, 6, 6), np.float32), gpu))
+    assert all(p.grad is None for p in net.parameters())
+    with pytest.raises(RuntimeError, match="called before forward"):
+        fresh.backward(to_device(np.zeros(out.shape, np.float32), gpu))
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(to_numpy(v), after_forward[k], err_msg=k)
+    for k, v in before.items():                            # the parameters: nothing stepped them
+        if "running" not in k and "num_batches" not in k:
+            np.testing.assert_array_equal(after_forward[k], v, err_msg=k)
+
+
 @pytest.mark.parametrize("row_values, min_threads", [(1, 1), (2, 1), (10**6, 1), (1, 10**6)])
 def test_channels_last_batchnorm_sums_are_the_same_however_many_slices(gpu, row_values, min_threads, monkeypatch):
     """The conv block's statistics and backward sums, split over 1 to N*H*W slices per channel."""

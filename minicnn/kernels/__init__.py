@@ -100,6 +100,4 @@ def gpu_kernels():
 def matmul(a, b):
     """``a @ b``, except on the GPU while a CUDA graph is being captured: CuPy refuses cuBLAS calls
     then, and :func:`minicnn.kernels.gpu.matmul` calls cuBLAS directly (minicnn/kernels/cublas.py)."""
-    if _gpu is not None and _gpu.capturing():
-        return _gpu.matmul(a, b)
-    return a @ b
+    return a @ b if _gpu is None else _gpu.matmul(a, b)        # (gpu.matmul: a @ b unless capturing)

@@ -131,11 +131,19 @@ extern "C" __global__ void channel_moments(const real* x, double* partial, int n
     }
 }
 
-// BatchNorm statistics, step 2 (after CuPy has added up step 1's slices into sums (2, C)), one
-// thread per channel: the batch mean and 1 / sqrt(var + eps), and the running statistics updated in
-// place, PyTorch's rule with the unbiased variance: running = (1 - f) * running + f * batch,
+// The running statistics of channel ch updated in place with a batch's mean and (biased) variance
+// over m values, PyTorch's rule with the unbiased variance: running = (1 - f) * running + f * batch,
 // f = momentum, or 1 / num_batches_tracked when momentum < 0 (the cumulative average; the caller
 // has already counted this batch).
+__device__ __forceinline__ void update_running(real* running_mean, real* running_var, const long long* num_batches,
+                                               double momentum, int ch, double mean, double var, double m) {
+    const double f = momentum >= 0 ? momentum : 1.0 / (double)num_batches[0];
+    running_mean[ch] = (real)((1 - f) * running_mean[ch] + f * mean);
+    running_var[ch] = (real)((1 - f) * running_var[ch] + f * var * (m / (m - 1)));
+}
+
+// BatchNorm statistics, step 2 (after CuPy has added up step 1's slices into sums (2, C)), one
+// thread per channel: the batch mean and 1 / sqrt(var + eps), and the running statistics updated.
 extern "C" __global__ void batchnorm_statistics(const double* sums, const real* x, real* running_mean,
                                                 real* running_var, const long long* num_batches, real* mean,
                                                 real* inv_std, int n, int c, int hw, double momentum, double eps) {
@@ -144,9 +152,7 @@ extern "C" __global__ void batchnorm_statistics(const double* sums, const real* 
         const double mu = shift + s1 / m, var = max(s2 / m - (s1 / m) * (s1 / m), 0.0);
         mean[ch] = (real)mu;
         inv_std[ch] = (real)(1.0 / sqrt(var + eps));
-        const double f = momentum >= 0 ? momentum : 1.0 / (double)num_batches[0];
-        running_mean[ch] = (real)((1 - f) * running_mean[ch] + f * mu);
-        running_var[ch] = (real)((1 - f) * running_var[ch] + f * var * (m / (m - 1)));
+        update_running(running_mean, running_var, num_batches, momentum, ch, mu, var, m);
     }
 }
 
@@ -375,7 +381,7 @@ extern "C" __global__ void channel_moments_rows(const real* y, double* partial, 
 // statistics in eval, the mean and 1/sqrt(var + eps) (float64) of y, the conv output *without* its
 // bias, and scale = gamma * inv_std, shift = beta - mean * scale, so that BatchNorm(y + bias) =
 // y * scale + shift (in training the bias cancels: the mean moves with it). Training updates the
-// running statistics in place (PyTorch's rule, as batchnorm_statistics) with the true mean, of y + bias.
+// running statistics (update_running) with the true mean, of y + bias.
 extern "C" __global__ void batchnorm_affine(const double* sums, const real* y, const real* bias, const real* gamma,
                                             const real* beta, real* running_mean, real* running_var,
                                             const long long* num_batches, double* mean, double* inv_std, real* scale,
@@ -388,9 +394,7 @@ extern "C" __global__ void batchnorm_affine(const double* sums, const real* y, c
             const double s1 = sums[ch] / m, s2 = sums[c + ch] / m;
             mu = (double)y[ch] + s1;
             var = max(s2 - s1 * s1, 0.0);
-            const double f = momentum >= 0 ? momentum : 1.0 / (double)num_batches[0];
-            running_mean[ch] = (real)((1 - f) * running_mean[ch] + f * (mu + b));
-            running_var[ch] = (real)((1 - f) * running_var[ch] + f * var * ((double)m / (double)(m - 1)));
+            update_running(running_mean, running_var, num_batches, momentum, ch, mu + b, var, (double)m);
         } else {
             mu = (double)running_mean[ch] - b;
             var = (double)running_var[ch];

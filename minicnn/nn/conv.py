@@ -26,7 +26,7 @@ from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path, matmul, wor
 from ..kernels.im2col import col2im, conv_output_size, im2col
 from .module import Module, Parameter, check_input, uniform_init
 
-__all__ = ["Conv2d", "column_sums_by_image_groups"]
+__all__ = ["Conv2d"]
 
 
 def _pair_int(v, name):
@@ -144,8 +144,11 @@ class Conv2d(Module):
     def _accumulate_weight_grad(self, dw_columns):
         """Add dL/dW given in :meth:`_weight_columns`' layout to ``weight.grad`` (OC, C, K, K)."""
         k = self.kernel_size
+        as_weight = dw_columns.reshape(k, k, self.in_channels, self.out_channels).transpose(3, 2, 0, 1)
+        if not fast_path(dw_columns):                  # (the GPU's conv block)
+            return self.weight.accumulate_grad(get_array_module(dw_columns).ascontiguousarray(as_weight))
         grad = workspace.empty(self.weight.shape, dw_columns.dtype)
-        grad[...] = dw_columns.reshape(k, k, self.in_channels, self.out_channels).transpose(3, 2, 0, 1)
+        grad[...] = as_weight
         self.weight.accumulate_grad(grad)
 
     def _forward_fast(self, x, oh, ow, add_bias=True):

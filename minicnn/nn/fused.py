@@ -84,6 +84,23 @@ def _in_order(by_start):
     return [by_start[lo] for lo in sorted(by_start)]
 
 
+def _check_bn_and_pool(bn, pool, conv_shape, dtype):
+    """The BatchNorm's and the pool's input checks on the conv's output shape, before any work."""
+    bn._check_batch(np.broadcast_to(np.zeros((), dtype), conv_shape))
+    _pooled_size(conv_shape[2], conv_shape[3], pool.kernel_size)
+
+
+def _check_backward(step):
+    """The error for a backward through a conv block that has nothing kept for it."""
+    if step._kept_nothing:
+        raise RuntimeError("backward() through a forward pass that ran under minicnn.no_grad(): "
+                           "nothing was kept for it; run the forward pass outside no_grad()")
+
+
+def _no_forward_yet():
+    return RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+
+
 class BatchNormReLUPool:
     def __init__(self, bn, relu, pool):
         self.bn, self.relu, self.pool = bn, relu, pool
@@ -117,7 +134,7 @@ class BatchNormReLUPool:
     def _backward(self, dout):
         """(dL/dx, per-channel float64 sum of dL/dx)."""
         if self._cache is None:
-            raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+            raise _no_forward_yet()
         bn, cpu = self.bn, cpu_kernels()
         x_nhwc, mean, inv_std, scale, shift, arg, training, x_shape = self._cache
         c = x_shape[1]
@@ -210,9 +227,7 @@ class ConvBatchNormReLUPool:
         if not threads.available() or not chunked:
             y = conv._forward_fast(x, conv_shape[2], conv_shape[3], add_bias=False)
             return self.rest.forward(y, offset=offset)
-        n, oc, oh, ow = conv_shape
-        bn._check_batch(np.broadcast_to(np.zeros((), x.dtype), conv_shape))
-        _pooled_size(oh, ow, self.pool.kernel_size)
+        _check_bn_and_pool(bn, self.pool, conv_shape, x.dtype)
         conv._cache = self.rest._cache = None
         if inference:
             return self._forward_inference(x, conv_shape, offset)
@@ -292,9 +307,7 @@ class ConvBatchNormReLUPool:
         return cpu.from_nhwc(out)
 
     def backward(self, dout, input_grad=True):
-        if self._kept_nothing:
-            raise RuntimeError("backward() through a forward pass that ran under minicnn.no_grad(): "
-                               "nothing was kept for it; run the forward pass outside no_grad()")
+        _check_backward(self)
         conv = self.conv
         if self._cache is None:
             dy, sum_dy = self.rest._backward(dout)
@@ -379,10 +392,9 @@ class ConvBatchNormReLUPoolGPU:
 
     def forward(self, x):
         conv, bn, gpu, xp = self.conv, self.bn, gpu_kernels(), get_array_module(x)
-        n, oc, oh, ow = conv._check(x)
-        bn._check_batch(np.broadcast_to(np.zeros((), x.dtype), (n, oc, oh, ow)))
+        n, oc, oh, ow = conv_shape = conv._check(x)
+        _check_bn_and_pool(bn, self.pool, conv_shape, x.dtype)
         k = self.pool.kernel_size
-        _pooled_size(oh, ow, k)
         conv._cache = bn._cache = self.pool._cache = self._cache = None
         x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
         col = gpu.im2col_nhwc(x_nhwc, conv.kernel_size, conv.stride, conv.padding, oh, ow)
@@ -401,11 +413,9 @@ class ConvBatchNormReLUPoolGPU:
         return out.transpose(0, 3, 1, 2)
 
     def backward(self, dout, input_grad=True):
-        if self._kept_nothing:
-            raise RuntimeError("backward() through a forward pass that ran under minicnn.no_grad(): "
-                               "nothing was kept for it; run the forward pass outside no_grad()")
+        _check_backward(self)
         if self._cache is None:
-            raise RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+            raise _no_forward_yet()
         conv, bn, gpu, xp = self.conv, self.bn, gpu_kernels(), get_array_module(dout)
         x_shape, col, w_col, y, mean, inv_std, scale, shift, arg, training = self._cache
         n, oh, ow, oc = y.shape
@@ -420,12 +430,10 @@ class ConvBatchNormReLUPoolGPU:
         if conv.bias is not None:
             conv.bias.accumulate_grad(dbias)
         dy = gpu.bn_relu_pool_backward(g, arg, y, scale, shift, a, b, c0, k).reshape(-1, oc)
-        ks, c = conv.kernel_size, conv.in_channels
-        dw = gpu.matmul(col.T, dy)                   # (K*K*C, OC), Wc's layout; one product over all rows
-        conv.weight.accumulate_grad(xp.ascontiguousarray(dw.reshape(ks, ks, c, oc).transpose(3, 2, 0, 1)))
+        conv._accumulate_weight_grad(gpu.matmul(col.T, dy))      # (one product over all N*OH*OW rows)
         if not input_grad:
             return None
-        dx = gpu.col2im_nhwc(gpu.matmul(dy, w_col.T), x_shape, ks, conv.stride, conv.padding, oh, ow)
+        dx = gpu.col2im_nhwc(gpu.matmul(dy, w_col.T), x_shape, conv.kernel_size, conv.stride, conv.padding, oh, ow)
         return dx.transpose(0, 3, 1, 2)
 
     def backward_params(self, dout):

@@ -162,7 +162,7 @@ class Trainer:
             raise ValueError("cuda_graph=True needs device='gpu'")
         if cuda_graph:
             from .graph import check_cuda_graphs_possible
-            check_cuda_graphs_possible()             # (before any work: CuPy 14.2 cannot capture cuBLAS)
+            check_cuda_graphs_possible()             # (before any work, where no product can be captured)
         self.recipe = recipe or Recipe()
         self.data, self.out_dir, self.device = data, out_dir, device
         self.cuda_graph = bool(cuda_graph)
