@@ -10,7 +10,6 @@ Needs CuPy and an NVIDIA GPU (PyTorch with CUDA for its part). ``sh benchmarks/g
 runs it last and writes its output to gpu-profile.txt.
 """
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -109,18 +108,10 @@ def graph_step(batch, repeats=20):
 def torch_kernels(batch, rows=25):
     import torch
     from torch.profiler import ProfilerActivity, profile
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from conftest import torch_emotion_classifier
-    model = torch_emotion_classifier().cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 1, 48, 48, device="cuda")
-    y = torch.randint(0, 7, (batch,), device="cuda")
-
-    def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    from benchmarks.run import TorchBackend
+    backend = TorchBackend("torch-cuda", "cuda", channels_last=False)     # (the benchmark's PyTorch step)
+    backend.setup()
+    step, _ = backend.prepare(batch)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
