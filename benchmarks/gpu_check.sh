@@ -29,13 +29,14 @@ mkdir -p "$OUT"
 $PY - <<'PY' 2>&1 | tee "$OUT/gpu-smoke.txt"
 import numpy as np, minicnn
 from minicnn.backend import to_device, synchronize
-from minicnn.kernels import fast_kernels
+from minicnn.engines import using
+fast_kernels = lambda on: using('auto' if on else 'textbook')
 from minicnn.models import EmotionClassifier
 from minicnn.training import train_step
-from minicnn.training.graph import CudaGraphStep
+from minicnn.engines.gpu.graph import CudaGraphStep
 x = to_device(np.random.default_rng(0).standard_normal((64, 1, 48, 48)).astype(np.float32), "gpu")
 y = np.arange(64) % 7
-from minicnn.kernels import gpu
+from minicnn.engines.gpu import kernels as gpu
 for name, fast, graph in (("plain", False, False), ("kernels", True, False), ("graph", True, True)):
     if graph and not gpu.cublas_capturable():
         print("smoke graph: not available (neither CuPy nor cuBLAS called directly can be captured here)", flush=True)

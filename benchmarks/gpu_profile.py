@@ -19,7 +19,16 @@ import minicnn  # noqa: F401  (before NumPy, as users should)
 import numpy as np
 
 from minicnn.backend import synchronize, to_device
-from minicnn.kernels import fast_kernels, gpu_kernels
+from minicnn.engines import using as _using
+from minicnn.engines.gpu import kernels as _gpu_kernels
+
+
+def fast_kernels(on):
+    return _using("auto" if on else "textbook")
+
+
+def gpu_kernels():
+    return _gpu_kernels
 from minicnn.models import EmotionClassifier
 from minicnn.training import train_step
 
@@ -90,7 +99,7 @@ def stages(batch, repeats=5):
 
 
 def graph_step(batch, repeats=20):
-    from minicnn.training.graph import CudaGraphStep
+    from minicnn.engines.gpu.graph import CudaGraphStep
     gpu = gpu_kernels()
     print(f"== CUDA graph, batch {batch}: CuPy captures cuBLAS: {gpu.cupy_captures_cublas()}; "
           f"products capturable (CuPy or cuBLAS called directly): {gpu.cublas_capturable()}")

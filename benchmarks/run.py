@@ -38,7 +38,12 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from minicnn.backend import gpu_available, gpu_module, synchronize, to_device  # noqa: E402
-from minicnn.kernels import fast_kernels  # noqa: E402
+from minicnn.engines import using as _using  # noqa: E402
+
+
+def fast_kernels(on):
+    """The engines (on) or the textbook layers (off)."""
+    return _using("auto" if on else "textbook")
 from minicnn.models import EmotionClassifier  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -115,7 +120,7 @@ class MinicnnBackend(Backend):
             return True
         if not gpu_available():
             return False
-        from minicnn.kernels import gpu
+        from minicnn.engines.gpu import kernels as gpu
         return not self.graph or gpu.cublas_capturable()     # (products by CuPy or cuBLAS called directly)
 
     def setup(self):
@@ -125,7 +130,7 @@ class MinicnnBackend(Backend):
     def info(self):
         if self.device != "gpu":
             return {}
-        from minicnn.kernels import gpu
+        from minicnn.engines.gpu import kernels as gpu
         cupy = gpu_module()
         props = cupy.cuda.runtime.getDeviceProperties(0)
         name = props["name"]
@@ -144,7 +149,7 @@ class MinicnnBackend(Backend):
         x = to_device(rng.standard_normal((batch, 1, 48, 48)).astype(np.float32), self.device)
         y = rng.integers(0, 7, batch)
         if self.graph:
-            from minicnn.training.graph import CudaGraphStep
+            from minicnn.engines.gpu.graph import CudaGraphStep
             step = CudaGraphStep(model, crit, opt)
             y = to_device(y, "gpu")
 
@@ -155,8 +160,10 @@ class MinicnnBackend(Backend):
                     return step(x, y)
             with fast_kernels(self.fast):
                 model.train()
-                crit.forward(model(x), y)
-                model.backward(crit.backward(), input_grad=False)
+                logits = model(x)
+                loss_fn = minicnn.engines.loss_step(crit, logits)
+                loss_fn.forward(logits, y)
+                model.backward(loss_fn.backward(), input_grad=False)
                 opt.step()
                 opt.zero_grad()
 
@@ -171,7 +178,7 @@ class MinicnnBackend(Backend):
         if self.device != "cpu":
             return {}
         from minicnn import nn
-        layer, x = LAYERS[lname][2](nn), _layer_input(lname, batch)
+        layer, x = nn.Sequential(LAYERS[lname][2](nn)), _layer_input(lname, batch)   # (a Sequential: the engine steps in)
         if self.fast and x.ndim == 4:             # hand the layer channels-last memory, as in the model
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         fast = self.fast
@@ -459,7 +466,7 @@ def peak_memory_mb(backend_name, batch, steps=3):
     optimizer state, the batch, work buffers and the step's activations and gradients). Linux only."""
     code = (f"import gc, benchmarks.run as r\n"
             f"b = [b for b in r.all_backends() if b.name == {backend_name!r}][0]\n"
-            f"r._torch() if b.name.startswith('torch') else __import__('minicnn.kernels').kernels.cpu_kernels()\n"
+            f"r._torch() if b.name.startswith('torch') else __import__('minicnn.engines.cpu.kernels')\n"
             f"gc.collect(); base = r._rss_kb('VmRSS')\n"
             f"step, _ = b.prepare({batch})\n"
             f"step()\n"                                   # warm-up: compile, allocate buffers

@@ -19,14 +19,15 @@ import sys as _sys
 # OpenBLAS's idle threads spin for about 0.1 s after each matrix product and steal the
 # cores from the numba kernel that follows (about 20% of a training step on 2 cores).
 # A short spin fixes it; OpenBLAS reads this when NumPy loads it, so it only takes effect
-# if NumPy is not imported yet (the fast path warns otherwise: minicnn/kernels/__init__.py).
+# if NumPy is not imported yet (the CPU engine warns otherwise: minicnn/engines/cpu/__init__.py).
 _openblas_spins = "numpy" in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import backend, nn, optim, models, gradcheck  # noqa: E402
+from . import backend, nn, engines, optim, models, gradcheck  # noqa: E402
 from .backend import DeviceError, get_array_module, gpu_available  # noqa: E402
+from .engines import engine  # noqa: E402
 from .nn import is_grad_enabled, no_grad  # noqa: E402
 from .rng import manual_seed  # noqa: E402
 
-__all__ = ["nn", "optim", "models", "gradcheck", "backend", "get_array_module", "gpu_available",
+__all__ = ["nn", "engines", "engine", "optim", "models", "gradcheck", "backend", "get_array_module", "gpu_available",
            "DeviceError", "manual_seed", "no_grad", "is_grad_enabled", "__version__"]

@@ -4,7 +4,7 @@
     minicnn evaluate [--weights FILE] [--data PATH] [--tta]                 metrics and confusion matrix
     minicnn predict IMAGE...                                                emotions in any face photo
     minicnn summary                                                         layers, shapes, parameters
-    minicnn gradcheck [--device gpu]                                        every backward vs finite differences
+    minicnn gradcheck [--path textbook|cpu|gpu]                             textbook vs finite differences, engines vs textbook
     minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
 
 Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not
@@ -117,11 +117,27 @@ def _cmd_predict(args):
 
 
 def _cmd_gradcheck(args):
-    from .gradcheck import check_all, format_report
-    results = check_all(device=args.device, include_model=not args.layers_only)
+    from .gradcheck import available_paths, check_all, format_report
+    available = available_paths()
+    if args.path:
+        paths = list(dict.fromkeys(args.path))
+        missing = [f"{p}: {available[p]}" for p in paths if available[p]]
+        if missing:
+            print("minicnn: error: cannot check " + "; ".join(missing), file=sys.stderr)
+            return 2
+    else:
+        paths = [p for p, why in available.items() if why is None]
+    print("checks: the textbook layers (minicnn/nn) against float64 finite differences; each engine "
+          "(minicnn/engines) against the textbook layers: output, dL/dx, every parameter gradient, running "
+          "statistics")
+    for p, why in available.items():
+        if p not in paths:
+            print(f"  not checked: {p}" + (f" ({why})" if why else " (not asked for)"))
+    results = check_all(device=args.device, include_model=not args.layers_only, paths=paths)
     print(format_report(results))
     failed = [r for r in results if not r.passed]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    counts = ", ".join(f"{p} {sum(1 for r in results if r.path == p)}" for p in paths)
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed   (rows: {counts})")
     for r in failed:
         print(f"FAIL {r}")
     return 1 if failed else 0
@@ -219,8 +235,13 @@ def build_parser():
     p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("gradcheck", help="check every layer's backward pass against finite differences")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p = sub.add_parser("gradcheck", help="the textbook layers against finite differences, every engine "
+                                          "against the textbook layers")
+    p.add_argument("--path", action="append", choices=["textbook", "cpu", "gpu"],
+                   help="check only this path (repeatable): the textbook layers, the CPU engine or the GPU engine; "
+                        "default: the textbook and every engine available here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="where the textbook rows run (default cpu; engines run on their own device)")
     p.add_argument("--layers-only", action="store_true", help="skip the whole-model checks")
     p.set_defaults(func=_cmd_gradcheck)
 

@@ -7,7 +7,7 @@ import cupy_emulator
 import minicnn.backend
 from minicnn.backend import gpu_available
 from minicnn.gradcheck import distinct_values, off_kink  # noqa: F401  (input helpers the tests share)
-from minicnn.kernels import use_fast_kernels
+from minicnn.engines import use as use_engine
 
 try:
     from hypothesis import settings
@@ -65,7 +65,7 @@ def _backend(item):
 def pytest_runtest_setup(item):
     """Each test runs on the path its backend names; tests without one use the default (fast)."""
     backend = _backend(item) or ""
-    use_fast_kernels(not backend.endswith("plain"))
+    use_engine("textbook" if backend.endswith("plain") else "auto")
     if backend.startswith("gpu-emulated"):
         minicnn.backend._cupy = cupy_emulator        # get_array_module() now answers the emulator
 
@@ -111,10 +111,10 @@ def torch_emotion_classifier(num_classes=7):
 @pytest.fixture
 def capturable_cublas(gpu, monkeypatch):
     """For tests of the CUDA-graph step. On the emulator, which refuses CuPy's cuBLAS calls during a
-    capture as CuPy 14.2 does, minicnn's direct cuBLAS products (minicnn/kernels/cublas.py) are
+    capture as CuPy 14.2 does, minicnn's direct cuBLAS products (minicnn/engines/gpu/cublas.py) are
     played by ``cupy_emulator.direct_gemm``: a product that does not go through them fails the
     capture. On a GPU where neither can be captured, skip."""
-    from minicnn.kernels import cublas, gpu as gpu_module
+    from minicnn.engines.gpu import cublas, kernels as gpu_module
     if minicnn.backend._cupy is cupy_emulator:
         monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)
         monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})

@@ -361,7 +361,7 @@ def __getattr__(name):
 
 
 def direct_gemm(a, b):
-    """Stands in for ``minicnn.kernels.cublas.gemm`` (cuBLAS called through ctypes, which a capture
+    """Stands in for ``minicnn.engines.gpu.cublas.gemm`` (cuBLAS called through ctypes, which a capture
     may record although CuPy's own products may not): the tests' ``capturable_cublas`` fixture puts
     it there."""
     if not (isinstance(a, ndarray) and isinstance(b, ndarray)):

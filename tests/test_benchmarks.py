@@ -115,7 +115,7 @@ def test_the_cuda_graph_backend_runs_its_steps(gpu, capturable_cublas):
 
 def test_the_cuda_graph_backend_is_available_where_products_can_be_captured(gpu, monkeypatch):
     import cupy_emulator
-    from minicnn.kernels import cublas, gpu as gpu_kernels_module
+    from minicnn.engines.gpu import cublas, kernels as gpu_kernels_module
     backend = next(b for b in bench.all_backends() if b.name == "minicnn-cupy-graph")
     monkeypatch.setattr(gpu_kernels_module, "_cupy_captures_cublas", {})
     if __import__("minicnn").backend.gpu_module() is cupy_emulator:
@@ -140,13 +140,13 @@ def _run_gpu_backends(names):
 
 def test_the_gpu_profile_times_each_stage_and_the_graph_step(gpu, capturable_cublas, capsys):
     from benchmarks import gpu_profile
-    from minicnn.kernels import gpu_kernels
+    from minicnn.engines.gpu import kernels as gpu_kernels
     gpu_profile.stages(4, repeats=1)
     gpu_profile.graph_step(4, repeats=1)
     out = capsys.readouterr().out
     assert "== batch 4: training step" in out
-    for what in ("features.0 ConvBatchNormReLUPoolGPU backward", "classifier.1 Linear forward", "optimizer step",
+    for what in ("features.0 ConvBatchNormReLUPoolGPU backward", "classifier.1 LinearStep forward", "optimizer step",
                  "kernel bn_relu_pool_backward", "kernel matmul"):
         assert what in out
     assert "graph replay" in out
-    assert not hasattr(gpu_kernels().matmul, "__wrapped__") and gpu_kernels().matmul.__name__ == "matmul"
+    assert not hasattr(gpu_kernels.matmul, "__wrapped__") and gpu_kernels.matmul.__name__ == "matmul"

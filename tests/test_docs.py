@@ -17,7 +17,7 @@ def python_blocks(path):
 def test_every_layer_has_a_page_with_code():
     names = {os.path.basename(p) for p in PAGES}
     for page in ("conv2d.md", "batchnorm2d.md", "relu.md", "maxpool2d.md", "dropout.md", "linear.md",
-                 "cross_entropy.md", "emotion_classifier.md", "fast_kernels.md"):
+                 "cross_entropy.md", "emotion_classifier.md", "engines.md"):
         assert page in names
         assert python_blocks(os.path.join(DOCS, page)), f"{page} has no runnable snippet"
 

@@ -39,9 +39,12 @@ def test_gradcheck_command_passes(capsys):
 def test_gradcheck_command_fails_on_a_broken_backward(monkeypatch, capsys):
     original = nn.MaxPool2d.backward
     monkeypatch.setattr(nn.MaxPool2d, "backward", lambda self, dout: original(self, dout) * 1.01)
-    assert cli(["gradcheck", "--layers-only"]) == 1
+    assert cli(["gradcheck", "--layers-only", "--path", "textbook"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL MaxPool2d 2x2 input" in out and "1 failed" in out
+    assert "FAIL [textbook] MaxPool2d 2x2 input" in out and "1 failed" in out
+    assert cli(["gradcheck", "--layers-only"]) == 1          # and the CPU engine now disagrees with it
+    out = capsys.readouterr().out
+    assert "FAIL [textbook] MaxPool2d 2x2 input" in out and "FAIL [cpu] MaxPool2d 2x2 input" in out
 
 
 def test_saliency_equals_finite_differences_and_gradcam_is_a_heat_map():

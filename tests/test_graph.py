@@ -7,10 +7,10 @@ import cupy_emulator
 import minicnn
 from minicnn import nn
 from minicnn.backend import to_device
-from minicnn.kernels import fast_kernels
+from minicnn.engines import using
 from minicnn.models import EmotionClassifier
 from minicnn.optim import SGD, Adam, AdamW
-from minicnn.training.graph import CudaGraphStep
+from minicnn.engines.gpu.graph import CudaGraphStep
 
 
 OPTIMIZERS = {"sgd": lambda ps: SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
@@ -71,11 +71,11 @@ def test_replayed_steps_equal_eager_steps(gpu, capturable_cublas, optimizer):
 
 
 def test_a_capture_multiplies_with_cuda_directly_only_where_cupy_refuses(monkeypatch):
-    """Every product of a captured step goes through minicnn.kernels.matmul: by cuBLAS called directly
+    """Every product of a captured step goes through minicnn.engines.gpu.kernels.matmul: by cuBLAS called directly
     where CuPy refuses (the emulator fails any other product during the capture), and by CuPy's own
     product where it can capture it."""
     import minicnn.backend as backend
-    from minicnn.kernels import cublas, gpu as gpu_kernels_module
+    from minicnn.engines.gpu import cublas, kernels as gpu_kernels_module
     monkeypatch.setattr(backend, "_cupy", cupy_emulator)
     monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)
     monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})
@@ -107,7 +107,7 @@ def test_graph_step_refuses_what_it_cannot_replay(gpu, capturable_cublas):
         CudaGraphStep(EmotionClassifier(), crit, SGD(EmotionClassifier().parameters(), lr=0.1, momentum=0.9))
     with pytest.raises(ValueError, match="not SGD without momentum"):
         CudaGraphStep(model, crit, SGD(model.parameters(), lr=0.1))
-    with fast_kernels(False), pytest.raises(ValueError, match="GPU kernels"):
+    with using("textbook"), pytest.raises(ValueError, match="GPU engine"):
         CudaGraphStep(model, crit, opt)
     step = CudaGraphStep(model, crit, opt)
     x = np.zeros((2, 1, 48, 48), np.float32)
@@ -197,9 +197,9 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
     """The replay-equals-eager test can fail: break one of the step's graph-safety measures and the
     emulated replays drift from eager steps."""
     import minicnn.backend as backend
-    from minicnn.kernels import gpu as gpu_kernels_module
-    from minicnn.nn import Dropout
-    from minicnn.kernels import cublas
+    from minicnn.engines.gpu import kernels as gpu_kernels_module
+    from minicnn.engines.gpu.layers import DropoutStep
+    from minicnn.engines.gpu import cublas
     monkeypatch.setattr(backend, "_cupy", cupy_emulator)
     monkeypatch.setattr(cublas, "gemm", cupy_emulator.direct_gemm)    # (see the capturable_cublas fixture)
     monkeypatch.setattr(cublas, "_available", {cupy_emulator.__version__: True})
@@ -213,9 +213,9 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
                 copy_to_device(self)
         monkeypatch.setattr(SGD, "_before_graph_replay", only_once)
     elif mutation == "frozen dropout seed":
-        monkeypatch.setattr(Dropout, "_before_graph_replay", lambda self: None)
+        monkeypatch.setattr(DropoutStep, "before_graph_replay", lambda self: None)
     else:                                          # a new array each step: the graph keeps updating the old one
-        from minicnn.nn.fused import ConvBatchNormReLUPoolGPU
+        from minicnn.engines.gpu.blocks import ConvBatchNormReLUPoolGPU
         update = ConvBatchNormReLUPoolGPU.forward       # (the EmotionClassifier's BatchNorms are in these)
 
         def replace_running_stats(self, x):
@@ -230,23 +230,25 @@ def test_the_emulator_catches_a_step_that_is_not_graph_safe(mutation, monkeypatc
 
 
 def test_an_error_during_the_capture_propagates_and_leaves_nothing_half_done(gpu, capturable_cublas):
-    from minicnn.kernels import gpu_kernels
+    from minicnn.engines.gpu import kernels as gpu_kernels
     model, opt, crit = _setup()
     step = CudaGraphStep(model, crit, opt, warmup=1)
     (x, y), = _batches(1)
     x = to_device(x, "gpu")
     step(x, y)                                      # the eager warm-up step
-    forward, calls = crit.forward, []
+    from minicnn.engines import loss_step
+    loss_fn = loss_step(crit, to_device(np.zeros((1, 7), np.float32), "gpu"))    # (the GPU engine's loss step)
+    forward, calls = loss_fn.forward, []
 
     def fails_in_the_capture(logits, labels):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom inside the capture")
         return forward(logits, labels)
-    crit.forward = fails_in_the_capture
+    loss_fn.forward = fails_in_the_capture
     with pytest.raises(RuntimeError, match="boom inside the capture"):
         step(x, y)
-    assert not gpu_kernels().capturing() and step._graph is None
+    assert not gpu_kernels.capturing() and step._graph is None
     loss, _ = step(x, y)                            # captured again, this time whole, and replayed
     assert step.replays == 1 and np.isfinite(float(loss))
 
@@ -255,7 +257,7 @@ def test_where_no_product_can_be_captured_the_step_says_so_before_anything_runs(
     """CuPy 14.2 on an H200 refused every cuBLAS call in a capture ("calling cuBLAS API during
     stream capture is currently unsupported"); where cuBLAS called directly cannot be captured
     either, the step says so when it is made, not mid-training."""
-    from minicnn.kernels import cublas, gpu as gpu_kernels_module
+    from minicnn.engines.gpu import cublas, kernels as gpu_kernels_module
     from minicnn.training import Trainer
     if minicnn.backend.gpu_module() is not cupy_emulator:
         if gpu_kernels_module.cublas_capturable():

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import minicnn
-from minicnn.kernels import fast_kernels, threads
+from minicnn.engines import using
+from minicnn.engines.cpu import threads
 from minicnn.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
-from minicnn.nn.fused import ConvBatchNormReLUPool
+from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
 
 needs_pipeline = pytest.mark.skipif(not threads.available(),
                                     reason="threadpoolctl finds no BLAS it can limit in this process")
@@ -35,7 +36,7 @@ def test_pipeline_equals_the_eval_forward(n, c, oc, k, s, p, hw, pool, bias, dty
     assume((hw + 2 * p - k) // s + 1 >= pool)
     net = block(c, oc, k, s, p, pool, bias, dtype, seed)
     x = np.random.default_rng(seed + 1).standard_normal((n, c, hw, hw)).astype(dtype)
-    with fast_kernels(True):
+    with using("auto"):
         expected = net(x)
         old = ConvBatchNormReLUPool.CHUNK_BYTES
         ConvBatchNormReLUPool.CHUNK_BYTES = 1          # one image per chunk: many chunks, both threads
@@ -45,7 +46,7 @@ def test_pipeline_equals_the_eval_forward(n, c, oc, k, s, p, hw, pool, bias, dty
         finally:
             ConvBatchNormReLUPool.CHUNK_BYTES = old
     step = net._last_plan[0]
-    assert isinstance(step, ConvBatchNormReLUPool) and step._kept_nothing
+    assert isinstance(step, ConvBatchNormReLUPool) and step.route == "inference"
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
 
-from minicnn.kernels import col2im, im2col
-from minicnn.kernels import reference as ref
+from minicnn.nn.im2col import col2im, im2col
+from minicnn.nn import reference as ref
 from minicnn.nn import Conv2d, MaxPool2d
 
 from conftest import distinct_values
@@ -37,8 +37,8 @@ def test_col2im_is_the_adjoint_of_im2col(case):
 def test_channels_last_im2col_equals_the_plain_one(case, c, serial):
     """The fast path's im2col (rows (n, y, x), columns (i, j, c)), for 1-3 channels (its column-by-
     column loop) and more: every entry, padding zeros included, is the plain im2col's."""
-    from minicnn.kernels import cpu_kernels
-    cpu = cpu_kernels()
+    from minicnn.engines.cpu import kernels as cpu_kernels
+    cpu = cpu_kernels
     k, s, p = case["k"], case["s"], case["p"]
     x = np.random.default_rng(case["seed"]).standard_normal((case["n"], c, case["h"], case["w"]))
     plain = im2col(x, k, k, s, p)                                    # columns (c, i, j)
@@ -96,9 +96,9 @@ def test_maxpool_floor_mode_drops_the_ragged_edge():
        st.booleans(), st.sampled_from([np.float32, np.float64]), st.integers(0, 2**16))
 def test_fused_batchnorm_relu_pool_equals_the_three_layers(n, c, h, w, k, training, dtype, seed):
     """Sequential fuses BatchNorm2d -> ReLU -> MaxPool2d on the fast path; results equal the plain layers'."""
-    from minicnn.kernels import fast_kernels
+    from minicnn.engines import using
     from minicnn.nn import BatchNorm2d, ReLU, Sequential
-    from minicnn.nn.fused import BatchNormReLUPool
+    from minicnn.engines.cpu.blocks import BatchNormReLUPool
     assume(h >= k and w >= k and not (training and n * h * w < 2))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)        # odd sizes: a ragged floor-mode edge
@@ -107,7 +107,7 @@ def test_fused_batchnorm_relu_pool_equals_the_three_layers(n, c, h, w, k, traini
         net = Sequential(BatchNorm2d(c), ReLU(), MaxPool2d(k)).to(dtype=dtype).train(training)
         net[0].weight.data = np.linspace(0.5, 1.5, c).astype(dtype)
         net[0].bias.data = np.linspace(-0.3, 0.3, c).astype(dtype)
-        with fast_kernels(fast):
+        with using("auto" if fast else "textbook"):
             out = net(x)
             g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
             dx = net.backward(g)
@@ -127,8 +127,8 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
     run in chunks of one image on threads (the conv by Winograd, or by im2col) or as a whole with
     parallel kernels: same output, input gradient, parameter gradients and running statistics as
     the layers one by one."""
-    from minicnn.kernels import threads
-    from minicnn.nn.fused import ConvBatchNormReLUPool
+    from minicnn.engines.cpu import threads
+    from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
     assume(hw >= k and not (training and n * hw * hw < 2))
     assume(route == "whole" or threads.available())
     chunks = route.startswith("chunks")
@@ -145,9 +145,9 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
 
 
 def _check_fused_conv_block(n, c, oc, hw, k, training, bias, dtype, seed, route):
-    from minicnn.kernels import fast_kernels
+    from minicnn.engines import using
     from minicnn.nn import BatchNorm2d, ReLU, Sequential
-    from minicnn.nn.fused import ConvBatchNormReLUPool
+    from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, hw, hw)).astype(dtype)
     results = {}
@@ -159,12 +159,12 @@ def _check_fused_conv_block(n, c, oc, hw, k, training, bias, dtype, seed, route)
         net[1].set_buffer("running_mean", np.linspace(-0.5, 0.5, oc).astype(dtype))
         net[1].weight.data = np.linspace(0.5, 1.5, oc).astype(dtype)
         net.train(training)
-        with fast_kernels(True):
+        with using("auto"):
             if fused:
                 out = net(x)
                 step = net._last_plan[0]
                 assert isinstance(step, ConvBatchNormReLUPool)
-                assert (step._cache is not None) == route.startswith("chunks")
+                assert (step.saved is not None) == route.startswith("chunks")
                 assert step._winograd(step.conv.output_shape(x.shape)) == (route == "chunks")
             else:                      # each layer on its own (the fast path, but never fused)
                 out = x
@@ -188,8 +188,8 @@ def test_every_numba_kernel_has_a_python_function_of_its_own():
     """numba's on-disk cache keys on the Python function: two jit variants of one function
     (say parallel and serial) would share one cache entry and run the same compiled code."""
     from numba.core.registry import CPUDispatcher
-    from minicnn.kernels import cpu_kernels
-    cpu = cpu_kernels()
+    from minicnn.engines.cpu import kernels as cpu_kernels
+    cpu = cpu_kernels
     kernels = [v for v in vars(cpu).values() if isinstance(v, CPUDispatcher)]
     assert len(kernels) > 10
     keys = [(k.py_func.__qualname__, k.py_func.__code__.co_firstlineno) for k in kernels]
@@ -200,20 +200,20 @@ def test_every_numba_kernel_has_a_python_function_of_its_own():
 @pytest.mark.parametrize("gemm_k, winograd", [((0, 10**9), False), ((0, 10**9), True), ((1, 0), False)],
                          ids=["chunks", "chunks-winograd", "whole"])
 def test_fused_steps_reject_a_wrong_gradient_shape_and_change_nothing(with_conv, gemm_k, winograd, monkeypatch):
-    from minicnn.kernels import fast_kernels
+    from minicnn.engines import using
     from minicnn.nn import BatchNorm2d, ReLU, Sequential
-    from minicnn.nn.fused import ConvBatchNormReLUPool
+    from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
     monkeypatch.setattr(ConvBatchNormReLUPool, "THREADED_GEMM_K", gemm_k)
     for knob in ("WINOGRAD_MIN_CHANNELS", "WINOGRAD_DW_MIN_CHANNELS", "WINOGRAD_MIN_TILES"):
         monkeypatch.setattr(ConvBatchNormReLUPool, knob, 1 if winograd else 10**9)
     layers = ([Conv2d(2, 3, 3, padding=1, seed=0)] if with_conv else []) + [BatchNorm2d(3), ReLU(), MaxPool2d(2)]
     net = Sequential(*layers).double()
     x = np.random.default_rng(0).standard_normal((2, 2 if with_conv else 3, 6, 6))
-    with fast_kernels(True):
+    with using("auto"):
         out = net(x)
         assert out.shape == (2, 3, 3, 3)
         if with_conv and gemm_k[1]:                                      # chunked: Winograd or not, as set
-            assert (net._last_plan[0]._cache[2] is None) == winograd     # (no weight columns: Winograd)
+            assert (net._last_plan[0].saved.w_col is None) == winograd     # (no weight columns: Winograd)
         with pytest.raises(ValueError, match=r"MaxPool2d.backward expects .*\(2, 3, 3, 3\), got \(2, 3, 3, 4\)"):
             net.backward(np.ones((2, 3, 3, 4)))
     assert all(p.grad is None for p in net.parameters())

@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 import minicnn
 from minicnn import nn, optim
 from minicnn.backend import to_device, to_numpy
+from minicnn.engines import step_for
 from minicnn.models import EmotionClassifier
 
 from conftest import distinct_values, off_kink, torch_emotion_classifier, torch_or_skip
@@ -155,12 +156,12 @@ def _twin_models(seed=0):
 class FixedMask(torch.nn.Module):
     """Replaces torch's Dropout with minicnn's mask so train-mode runs are comparable."""
 
-    def __init__(self, dropout):
+    def __init__(self, dropout, model):
         super().__init__()
-        self.dropout = dropout
+        self.dropout, self.model = dropout, model
 
-    def forward(self, x):
-        return x * torch.from_numpy(to_numpy(self.dropout.last_mask()))
+    def forward(self, x):      # (the layer's mask, or the mask of the engine step that ran it)
+        return x * torch.from_numpy(to_numpy(step_for(self.dropout, self.model).last_mask()))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -169,7 +170,7 @@ def test_emotion_classifier_logits_loss_and_gradients(device, training):
     model.to(device=device).train(training)
     tmodel.train(training)
     if training:
-        tmodel.classifier[3] = FixedMask(model.classifier[3])
+        tmodel.classifier[3] = FixedMask(model.classifier[3], model)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 1, 48, 48)).astype(np.float32)
     labels = rng.integers(0, 7, 8)

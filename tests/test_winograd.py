@@ -1,10 +1,10 @@
-"""Winograd's F(2x2, 3x3) convolution (minicnn/kernels/winograd.py) against the naive loops."""
+"""Winograd's F(2x2, 3x3) convolution (minicnn/engines/cpu/winograd.py) against the naive loops."""
 import numpy as np
 import pytest
 from hypothesis import assume, given, strategies as st
 
-from minicnn.kernels import winograd
-from minicnn.kernels.reference import conv2d_forward
+from minicnn.engines.cpu import winograd
+from minicnn.nn.reference import conv2d_forward
 
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
@@ -103,9 +103,10 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
     """conv1 (one input channel) stays im2col; conv2-4 use Winograd, forward and backward, and the
     network's output and gradients match the plain path."""
     import minicnn
-    from minicnn.kernels import fast_kernels, threads
+    from minicnn.engines import using
+    from minicnn.engines.cpu import threads
     from minicnn.models import EmotionClassifier
-    from minicnn.nn.fused import ConvBatchNormReLUPool
+    from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
     if not threads.available():
         pytest.skip("the chunked route needs a BLAS whose threads threadpoolctl can limit")
     x = np.random.default_rng(0).standard_normal((16, 1, 48, 48)).astype(np.float32)
@@ -113,13 +114,13 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
     for fast in (False, True):
         minicnn.manual_seed(0)
         model = EmotionClassifier(dropout=0.0)
-        with fast_kernels(fast):
+        with using("auto" if fast else "textbook"):
             out = model(x)
             model.backward(np.ones_like(out) / out.size)
             if fast:
                 steps = model.features._last_plan
                 assert [type(s) for s in steps] == [ConvBatchNormReLUPool] * 4
-                assert [s._cache[2] is None for s in steps[1:]] == [True, True, True]    # Winograd
+                assert [s.saved.w_col is None for s in steps[1:]] == [True, True, True]    # Winograd
                 sizes = [(16, 1, 48, 48), (16, 32, 24, 24), (16, 64, 12, 12), (16, 128, 6, 6)]
                 assert [s._winograd(s.conv.output_shape(size)) for s, size in zip(steps, sizes)] == \
                     [False, True, True, True]
@@ -127,7 +128,7 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
                 assert not steps[3]._winograd(steps[3].conv.output_shape((8, 128, 6, 6)))
                 assert steps[2]._winograd(steps[2].conv.output_shape((8, 64, 12, 12)))
         model.eval()
-        with fast_kernels(fast), minicnn.no_grad():       # inference: chunks that keep nothing
+        with using("auto" if fast else "textbook"), minicnn.no_grad():       # inference: chunks that keep nothing
             logits = model(x)
         results[fast] = [out, logits] + [p.grad for p in model.parameters()]
     for a, b in zip(results[False], results[True]):

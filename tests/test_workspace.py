@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn.kernels import workspace
+from minicnn.engines.cpu import workspace
 from minicnn.models import EmotionClassifier
 
 BIG = (256, 1024)          # 1 MiB of float32: pooled

@@ -1,4 +1,4 @@
-"""Flatten and Linear.
+"""Flatten and Linear (docs/linear.md).
 
 Linear: out = x @ W.T + b with W of shape (out_features, in_features), so::
 
@@ -8,10 +8,7 @@ Flatten: (N, C, H, W) -> (N, C*H*W); its backward reshapes the gradient back.
 """
 import math
 
-import numpy as np
-
 from .. import rng as _rng
-from ..kernels import fast_path, matmul, workspace
 from .module import Module, Parameter, check_input, uniform_init
 
 __all__ = ["Flatten", "Linear"]
@@ -30,7 +27,7 @@ class Flatten(Module):
 
     def backward(self, dout):
         shape = self._saved()
-        self._check_dout(dout, (shape[0], int(math.prod(shape[1:]))))
+        self.check_grad(dout, (shape[0], int(math.prod(shape[1:]))))
         return dout.reshape(shape)
 
 
@@ -50,24 +47,26 @@ class Linear(Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
 
-    def forward(self, x):
+    def check(self, x):
+        """A clear error for a wrong input; returns the output's shape (N, out_features)."""
         check_input(self, x, ("N", self.in_features), self.weight.dtype)
-        out = matmul(x, self.weight.data.T)        # x @ W.T (matmul: see minicnn.kernels.matmul)
+        return (x.shape[0], self.out_features)
+
+    def forward(self, x):
+        self.check(x)
+        out = x @ self.weight.data.T                   # out = x W^T
         if self.bias is not None:
-            out += self.bias.data
-        self._cache = (x, out.shape)
+            out = out + self.bias.data                 #     + b
+        self._cache = x
         return out
 
     def backward(self, dout, input_grad=True):
-        x, out_shape = self._saved()
-        self._check_dout(dout, out_shape)
-        if fast_path(x):     # the same product, into reused memory (minicnn/kernels/workspace.py)
-            self.weight.accumulate_grad(np.matmul(dout.T, x, out=workspace.empty(self.weight.shape, x.dtype)))
-        else:
-            self.weight.accumulate_grad(matmul(dout.T, x))
+        x = self._saved()
+        self.check_grad(dout, (x.shape[0], self.out_features))
+        self.weight.accumulate_grad(dout.T @ x)        # dL/dW = g^T x
         if self.bias is not None:
-            self.bias.accumulate_grad(dout.sum(axis=0))
-        return matmul(dout, self.weight.data) if input_grad else None
+            self.bias.accumulate_grad(dout.sum(axis=0))   # dL/db = sum of g over the batch
+        return dout @ self.weight.data if input_grad else None   # dL/dx = g W
 
     def backward_params(self, dout):
         self.backward(dout, input_grad=False)

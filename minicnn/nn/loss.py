@@ -12,13 +12,12 @@ d(-logp_ic)/dz_i = softmax(z_i) - onehot(c)::
 
     dL/dz_i = (sum_c q_ic * softmax(z_i) - q_i) / W
 
-which is the famous ``(p - onehot(y)) / N`` in the plain case. On the GPU (fast
-kernels on) one CUDA launch computes each row's loss, weight and gradient at once.
+which is the famous ``(p - onehot(y)) / N`` in the plain case. The loop version is
+:func:`minicnn.nn.reference.cross_entropy`.
 """
 import numpy as np
 
 from ..backend import get_array_module, to_device, device_of
-from ..kernels import gpu_kernels, gpu_path
 from .module import check_input
 
 __all__ = ["CrossEntropyLoss", "check_labels"]
@@ -26,10 +25,9 @@ __all__ = ["CrossEntropyLoss", "check_labels"]
 
 def check_labels(labels, n, c=None):
     """Check ``n`` integer class labels in [0, c) (c None: no upper bound known); returns them,
-    as a NumPy array when they came from the host. Labels already on the GPU get their shape and
-    type checked only: reading their values would wait for the GPU (and is not allowed while a CUDA
-    graph is captured)."""
-    if device_of(labels) == "gpu":
+    as a NumPy array when they came from the host. Labels already on a device get their shape and
+    type checked only: reading their values would wait for the device."""
+    if device_of(labels) != "cpu":
         if labels.shape != (n,) or labels.dtype.kind not in "iu":
             raise ValueError(f"CrossEntropyLoss expects integer labels of shape ({n},), got {labels.dtype} "
                              f"labels of shape {tuple(labels.shape)}")
@@ -70,7 +68,8 @@ class CrossEntropyLoss:
         """The loss as a Python float (use :meth:`forward` to keep it on the device)."""
         return float(self.forward(logits, labels))
 
-    def _check(self, logits, labels):
+    def check(self, logits, labels):
+        """Clear errors for wrong logits or labels; returns the labels (checked)."""
         check_input(self, logits, ("N", "C"))
         n, c = logits.shape
         if self.weight is not None and self.weight.shape != (c,):
@@ -79,7 +78,7 @@ class CrossEntropyLoss:
             raise ValueError("CrossEntropyLoss got an empty batch")
         return check_labels(labels, n, c)
 
-    def _class_weights(self, c, like):
+    def class_weights(self, c, like):
         """The class weights (ones if none) on ``like``'s device and dtype, made once."""
         key = (device_of(like), like.dtype, c)
         if self._weights_for != key:
@@ -89,38 +88,29 @@ class CrossEntropyLoss:
 
     def forward(self, logits, labels):
         """The loss as a 0-d array on the logits' device; caches what backward needs."""
-        labels = self._check(logits, labels)
+        labels = self.check(logits, labels)
         xp = get_array_module(logits)
         n, c = logits.shape
         labels = to_device(labels, device_of(logits)).astype(np.int64, copy=False)
         eps = self.label_smoothing
-        w = self._class_weights(c, logits)
-        if gpu_path(logits):
-            row_loss, row_w, grad = gpu_kernels().softmax_cross_entropy(logits, labels, w, eps)
-            total_w = row_w.sum() if self.reduction == "mean" else logits.dtype.type(1.0)
-            self._cache = ("gpu", grad, total_w)
-            return row_loss.sum() / total_w
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))
+        w = self.class_weights(c, logits)
+        z = logits - logits.max(axis=1, keepdims=True)                  # exp never overflows
+        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))         # logp = z - logsumexp(z)
         q = xp.zeros_like(logp)
-        q[xp.arange(n), labels] = (1.0 - eps) * w[labels]
+        q[xp.arange(n), labels] = (1.0 - eps) * w[labels]              # q = (1 - eps) w[y] onehot(y)
         if eps:
-            q += (eps / c) * w
+            q += (eps / c) * w                                          #   + (eps / C) w
         total_w = w[labels].sum() if self.reduction == "mean" else logits.dtype.type(1.0)
-        loss = -(q * logp).sum() / total_w
-        self._cache = ("plain", logp, q, total_w)
+        loss = -(q * logp).sum() / total_w                              # sum q (-logp) / W
+        self._cache = (logp, q, total_w)
         return loss
 
     def backward(self, dloss=1.0):
         """dL/d(logits), shaped like the logits (times ``dloss``)."""
         if self._cache is None:
             raise RuntimeError("CrossEntropyLoss.backward() was called before the loss was computed")
-        if self._cache[0] == "gpu":
-            _, grad, total_w = self._cache
-            grad = grad / total_w
-            return grad * dloss if dloss != 1.0 else grad
-        _, logp, q, total_w = self._cache
+        logp, q, total_w = self._cache
         xp = get_array_module(logp)
-        p = xp.exp(logp)
-        grad = (q.sum(axis=1, keepdims=True) * p - q) / total_w
+        p = xp.exp(logp)                                                # softmax(z)
+        grad = (q.sum(axis=1, keepdims=True) * p - q) / total_w        # (sum_c q * p - q) / W
         return grad * dloss if dloss != 1.0 else grad

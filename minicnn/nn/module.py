@@ -17,7 +17,6 @@ from collections import OrderedDict
 import numpy as np
 
 from ..backend import device_of, float_dtype, to_device, to_numpy
-from ..kernels import fast_path, gpu_path
 
 __all__ = ["Parameter", "Module", "Sequential", "check_input", "uniform_init", "no_grad", "is_grad_enabled"]
 
@@ -33,11 +32,11 @@ def is_grad_enabled():
 def no_grad():
     """Forward passes in this block need no backward, like ``torch.no_grad()``.
 
-    A promise, not a mode of the math: results are the same. Layers may then
-    skip what they would keep for backward -- on the fast CPU path, each
-    eval-mode Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d block runs as a
-    leaner pipeline that keeps nothing -- and a backward through such a
-    forward raises an error. Evaluation and prediction use it.
+    A promise, not a mode of the math: results are the same. What runs the
+    layers may then skip what it would keep for backward (minicnn/engines runs
+    each eval-mode Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d block as a leaner
+    pipeline that keeps nothing), and a backward through such a forward raises
+    an error. Evaluation and prediction use it.
     """
     previous = is_grad_enabled()
     _grad_mode.enabled = False
@@ -179,7 +178,8 @@ class Module:
                                "run a forward pass first")
         return cache
 
-    def _check_dout(self, dout, out_shape):
+    def check_grad(self, dout, out_shape):
+        """A clear error unless the upstream gradient ``dout`` has the output's shape."""
         if tuple(dout.shape) != tuple(out_shape):
             raise ValueError(f"{type(self).__name__}.backward expects a gradient of the output's "
                              f"shape {_shape_str(out_shape)}, got {_shape_str(dout.shape)}")
@@ -259,7 +259,7 @@ class Module:
         return self
 
     def _move_extra(self, device):
-        """Hook for modules holding other device state (e.g. a GPU random generator)."""
+        """Hook for modules holding other per-device state."""
 
     def float(self):
         return self.to(dtype=np.float32)
@@ -356,7 +356,14 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
+
+    ``Sequential.runner(seq, x)`` chooses the steps to run for input ``x``. By default it is the
+    layers themselves; minicnn's engines (minicnn/engines, set when minicnn is imported) may
+    replace runs of layers by steps that compute the same thing faster. The layers never know.
+    """
+
+    runner = None      # a function (sequential, x) -> the steps to run; None: the layers
 
     def __init__(self, *layers):
         super().__init__()
@@ -375,41 +382,12 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        plan = self._plan(x)
+        layers = list(self._modules.values())
+        plan = layers if Sequential.runner is None else Sequential.runner(self, x)
         object.__setattr__(self, "_last_plan", plan)
         for layer in plan:
             x = layer(x)
         return x
-
-    def _plan(self, x):
-        """The layers to run: these layers, except that on the fast CPU path each
-        [Conv2d ->] BatchNorm2d -> ReLU -> MaxPool2d run is done in one fused step, and on the GPU
-        kernels each Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d, and each other BatchNorm2d -> ReLU
-        (minicnn/nn/fused.py)."""
-        layers = list(self._modules.values())
-        from . import fused as f            # (imported here: fused.py imports this file's layers)
-        if fast_path(x):
-            rules = ((4, f.fusable_with_conv, f.ConvBatchNormReLUPool), (3, f.fusable, f.BatchNormReLUPool))
-        elif gpu_path(x):
-            rules = ((4, f.fusable_with_conv, f.ConvBatchNormReLUPoolGPU), (2, f.fusable_bn_relu, f.BatchNormReLU))
-        else:
-            return layers
-        steps = self.__dict__.setdefault("_fused", {})
-        plan, i = [], 0
-        while i < len(layers):
-            for size, test, make in rules:
-                run = layers[i:i + size]
-                if test(run):
-                    key = (i, make)
-                    if key not in steps or steps[key][0] != run:     # made once, for these very layers
-                        steps[key] = (run, make(*run))
-                    plan.append(steps[key][1])
-                    i += size
-                    break
-            else:
-                plan.append(layers[i])
-                i += 1
-        return plan
 
     def backward(self, dout, input_grad=True):
         """Backward through the layers in reverse; ``input_grad=False`` skips dL/dx of the first."""

@@ -10,7 +10,7 @@ For each parameter p with gradient g, at step t (counted per parameter)::
 """
 import math
 
-from ..kernels import gpu_kernels, gpu_path
+from ..engines import engine_for
 from .optimizer import Optimizer
 
 __all__ = ["Adam", "AdamW"]
@@ -36,7 +36,7 @@ class Adam(Optimizer):
 
     def _update(self, p, state):
         xp = self._xp(p)
-        if gpu_path(p.data) and p.data.flags.c_contiguous:
+        if engine_for(p.data) == "gpu" and p.data.flags.c_contiguous:
             return self._update_gpu(p, state, xp)
         g = p.grad
         if self.weight_decay:
@@ -65,10 +65,11 @@ class Adam(Optimizer):
             state["step"] = 0
             state["exp_avg"] = xp.zeros_like(p.data)
             state["exp_avg_sq"] = xp.zeros_like(p.data)
-        if not gpu_kernels().capturing():      # (a replay counts its step in _before_graph_replay)
+        from ..engines.gpu import kernels as gpu
+        if not gpu.capturing():                # (a replay counts its step in _before_graph_replay)
             state["step"] += 1
-        gpu_kernels().adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                  self._device_hyper(p.data.dtype, state["step"]))
+        gpu.adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                        self._device_hyper(p.data.dtype, state["step"]))
 
     def _device_hyper(self, dtype, t):
         """[beta1, beta2, eps, step_size, root_bc2, l2, decay] of step t in device memory."""

@@ -51,10 +51,10 @@ class Optimizer:
         array of ``dtype``, copied over only when one changed, so a CUDA graph of the step sees new
         ones. While a graph is captured the array is returned as it is: each replay writes it first,
         in the subclass's ``_before_graph_replay``."""
-        from ..kernels import gpu_kernels
+        from ..engines.gpu import kernels as gpu
         if dtype not in self._on_device:
-            self._on_device[dtype] = gpu_kernels().DeviceValues(dtype)
-        if gpu_kernels().capturing():
+            self._on_device[dtype] = gpu.DeviceValues(dtype)
+        if gpu.capturing():
             return self._on_device[dtype].array
         return self._on_device[dtype].set(values)
 

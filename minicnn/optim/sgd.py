@@ -8,9 +8,7 @@ For each parameter p with gradient g::
     g = g + momentum * buf   if nesterov else   buf
     p = p - lr * g
 """
-import numpy as np
-
-from ..kernels import cpu_kernels, fast_path, gpu_kernels, gpu_path
+from ..engines import engine_for
 from .optimizer import Optimizer
 
 __all__ = ["SGD"]
@@ -29,9 +27,11 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
 
     def _update(self, p, state):
-        if self.momentum and fast_path(p.data) and p.data.flags.c_contiguous:
-            return self._update_fast(p, state)
-        if self.momentum and gpu_path(p.data) and p.data.flags.c_contiguous:
+        engine = engine_for(p.data) if self.momentum and p.data.flags.c_contiguous else None
+        if engine == "cpu":                  # the same rule in one numba pass over the parameter
+            from ..engines.cpu import sgd_update
+            return sgd_update(self, p, state)
+        if engine == "gpu":
             return self._update_gpu(p, state)
         g = p.grad
         if self.weight_decay:
@@ -46,25 +46,14 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         p.data -= self.lr * g
 
-    def _update_fast(self, p, state):
-        """The same rule in one numba pass over the parameter (the fast CPU path)."""
-        buf = state.get("momentum_buffer")
-        first = buf is None
-        if first:
-            buf = state["momentum_buffer"] = np.empty_like(p.data)
-        g = np.ascontiguousarray(p.grad, dtype=p.data.dtype)
-        cpu = cpu_kernels()
-        update = cpu.sgd_momentum_update if p.data.size >= cpu.SERIAL_BELOW else cpu.sgd_momentum_update_serial
-        update(p.data.reshape(-1), g.reshape(-1), buf.reshape(-1), self.lr, self.momentum, self.dampening,
-               self.weight_decay, self.nesterov, first)
-
     def _update_gpu(self, p, state):
         """The same rule in one CUDA launch per parameter."""
         buf = state.get("momentum_buffer")
         first = buf is None
         if first:
             buf = state["momentum_buffer"] = self._xp(p).empty_like(p.data)
-        gpu_kernels().sgd_update(p.data, p.grad, buf, self._device_hyper(p.data.dtype), self.nesterov, first)
+        from ..engines.gpu import kernels as gpu
+        gpu.sgd_update(p.data, p.grad, buf, self._device_hyper(p.data.dtype), self.nesterov, first)
 
     def _device_hyper(self, dtype):
         """[lr, momentum, dampening, weight_decay] in device memory, where the kernel reads them."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import __version__, rng as _rng
+from .. import __version__, engines, rng as _rng
 from ..backend import device_of, get_array_module, normalize_device, to_device, to_numpy
 from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
@@ -97,9 +97,10 @@ def train_step(model, criterion, optimizer, x, y, clip=0.0):
     Returns the batch's loss and number of right answers as 0-d arrays on x's device (on a GPU,
     nothing is read back)."""
     logits = model(x)
-    loss = criterion.forward(logits, y)
+    loss_fn = engines.loss_step(criterion, logits)     # (on a GPU, the engine's one-launch loss)
+    loss = loss_fn.forward(logits, y)
     correct = (logits.argmax(axis=1) == to_device(y, device_of(logits))).sum()
-    model.backward(criterion.backward(), input_grad=False)
+    model.backward(loss_fn.backward(), input_grad=False)
     if clip:
         clip_grad_norm(model.parameters(), clip)
     optimizer.step()
@@ -123,7 +124,7 @@ def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="c
     model.eval()
     out = []
     try:
-        with no_grad():        # nothing is kept for backward: the fast path's leaner inference
+        with no_grad():        # nothing is kept for backward: the engines' leaner inference
             for i in range(0, len(images), batch_size):
                 x = normalize(images[i:i + batch_size], mean, std)
                 views = [x]
@@ -156,12 +157,12 @@ class Trainer:
     def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
                  progress=True, log=None, cuda_graph=False):
         """``cuda_graph``: on the GPU, replay each training step as a CUDA graph (see
-        :mod:`minicnn.training.graph`; SGD with momentum, Adam, AdamW); the results are those of
+        :mod:`minicnn.engines.gpu.graph`; SGD with momentum, Adam, AdamW); the results are those of
         eager steps."""
         if cuda_graph and normalize_device(device) != "gpu":
             raise ValueError("cuda_graph=True needs device='gpu'")
         if cuda_graph:
-            from .graph import check_cuda_graphs_possible
+            from ..engines.gpu.graph import check_cuda_graphs_possible
             check_cuda_graphs_possible()             # (before any work, where no product can be captured)
         self.recipe = recipe or Recipe()
         self.data, self.out_dir, self.device = data, out_dir, device
@@ -308,7 +309,7 @@ class Trainer:
         if not self.cuda_graph:
             return None
         if getattr(self, "_cuda_graph_step", None) is None:
-            from .graph import CudaGraphStep
+            from ..engines.gpu.graph import CudaGraphStep
             self._cuda_graph_step = CudaGraphStep(self.model, self.criterion, self.optimizer,
                                                   clip_grad_norm=self.recipe.clip_grad_norm)
         return self._cuda_graph_step

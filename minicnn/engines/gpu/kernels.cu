@@ -286,9 +286,9 @@ extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v,
 }
 
 // --- The conv block on channels-last memory ----------------------------------------------------
-// Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU (minicnn/nn/fused.py's
+// Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU (minicnn/engines/gpu/blocks.py's
 // ConvBatchNormReLUPool, the fast CPU path's design): images are (N, H, W, C) in C order, im2col
-// rows (n, oy, ox) and columns (i, j, c) as in minicnn/kernels/cpu.py, so the conv's product comes
+// rows (n, oy, ox) and columns (i, j, c) as in minicnn/engines/cpu/kernels.py, so the conv's product comes
 // out channels-last with no transpose, neighbouring threads touch neighbouring channels (coalesced
 // reads and writes, col2im included), and BatchNorm, ReLU and pooling share their passes over the
 // conv output y: forward writes only the pooled output and a one-byte argmax, backward's sums

@@ -17,7 +17,7 @@ beyond ``limit()`` bytes (default: a quarter of the machine's memory, at least 1
 fast path pools 1.5 GB, and under a 1 GiB cap that step ran 1.2-1.5x slower (fresh memory every
 step; 1.66-1.74 s against 1.39-1.43 s on 2 cores).
 
-    from minicnn.kernels import workspace
+    from minicnn.engines.cpu import workspace
     out = workspace.empty((64, 24, 24, 32), np.float32)
     workspace.clear()            # drop every pooled buffer
 """

@@ -9,7 +9,7 @@ the matrix product, BatchNorm + ReLU + pooling, and back -- on its own, with a
 one-thread BLAS and serial numba loops, while the chunk's data is still in its
 cache. On the 2-core test machine this took the EmotionClassifier's eval-mode
 features from 37 to 29 ms at batch 64, and its conv2 block's training
-forward + backward from 40 to 33 ms (minicnn/nn/fused.py uses it).
+forward + backward from 40 to 33 ms (blocks.py uses it).
 
 :func:`run_chunks` needs to hold OpenBLAS (or any BLAS threadpoolctl can
 limit) to one thread while it runs; where it cannot, :func:`available` is

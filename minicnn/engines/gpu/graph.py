@@ -10,12 +10,12 @@ from step to step must reach the kernels through device memory, and the step is 
 
 * the batch is copied into fixed input arrays before each replay;
 * the optimizer's learning rate (and Adam's step count) and dropout's seeds are kept in small device
-  arrays that the kernels read (:class:`minicnn.kernels.gpu.DeviceValues`); they are updated before
-  each replay, by the ``_before_graph_replay`` hooks of the optimizer and the Dropout layers;
+  arrays that the kernels read (:class:`minicnn.engines.gpu.kernels.DeviceValues`); they are updated before
+  each replay, by the optimizer's ``_before_graph_replay`` and the dropout steps' ``before_graph_replay``;
 * BatchNorm updates its running statistics in place on the device (its batch count too), and
   gradient clipping reads nothing back;
-* the matrix products go through :func:`minicnn.kernels.matmul`, which during a capture calls cuBLAS
-  directly (:mod:`minicnn.kernels.cublas`): CuPy 14.2 refuses its own cuBLAS calls there;
+* the matrix products go through :func:`minicnn.engines.gpu.kernels.matmul`, which during a capture calls cuBLAS
+  directly (:mod:`minicnn.engines.gpu.cublas`): CuPy 14.2 refuses its own cuBLAS calls there;
 * nothing reads from the GPU during the capture (the loss and the count of right answers stay on
   the device), and arrays made during the capture take their memory from a pool of the graph's
   own, so that nothing made later is handed memory a replay writes to.
@@ -32,11 +32,11 @@ stream).
 """
 import numpy as np
 
-from ..backend import DeviceError, device_of, gpu_module, to_device
-from ..nn.loss import check_labels
-from ..kernels import fast_kernels_enabled, gpu_kernels
-from ..optim import SGD, Adam, AdamW
-from .trainer import train_step
+from ...backend import DeviceError, device_of, gpu_module, to_device
+from ...nn.loss import check_labels
+from ...optim import SGD, Adam, AdamW
+from ... import engines
+from . import kernels as gpu
 
 __all__ = ["CudaGraphStep", "check_cuda_graphs_possible"]
 
@@ -44,10 +44,10 @@ __all__ = ["CudaGraphStep", "check_cuda_graphs_possible"]
 def check_cuda_graphs_possible():
     """A clear error (DeviceError: the command line prints it without a traceback) where a training
     step's matrix products cannot be captured (see gpu.cublas_capturable)."""
-    if not gpu_kernels().cublas_capturable():
+    if not gpu.cublas_capturable():
         raise DeviceError(f"CUDA graphs are not available here: CuPy {gpu_module().__version__} refuses cuBLAS "
                           "calls (the matrix products of every convolution and linear layer) while a stream is "
-                          "captured, and cuBLAS called directly (minicnn/kernels/cublas.py) could not be captured "
+                          "captured, and cuBLAS called directly (minicnn/engines/gpu/cublas.py) could not be captured "
                           "either. Train without cuda_graph / --cuda-graph: the GPU kernels run all the same, one "
                           "launch at a time.")
 
@@ -56,9 +56,9 @@ class CudaGraphStep:
     def __init__(self, model, criterion, optimizer, clip_grad_norm=0.0, warmup=2):
         if model.device != "gpu":
             raise ValueError("a CUDA graph step needs the model on the GPU: model.to('gpu') first")
-        if not fast_kernels_enabled():
-            raise ValueError("a CUDA graph step needs minicnn's GPU kernels (use_fast_kernels(True)): the plain "
-                             "path's dropout draws from a generator that a replay would repeat unchanged")
+        if engines.current() != "auto":
+            raise ValueError("a CUDA graph step needs minicnn's GPU engine (minicnn.engine('auto')): the textbook "
+                             "dropout draws from a generator that a replay would repeat unchanged")
         if not (type(optimizer) is SGD and optimizer.momentum or type(optimizer) in (Adam, AdamW)):
             raise ValueError(f"a CUDA graph step supports SGD with momentum, Adam and AdamW (their kernels read the "
                              f"learning rate from device memory), not {type(optimizer).__name__}"
@@ -71,6 +71,7 @@ class CudaGraphStep:
 
     def eager(self, x, y):
         """One ordinary training step on device arrays: exactly what the graph records."""
+        from ...training.trainer import train_step
         return train_step(self.model, self.criterion, self.optimizer, x, y, self.clip_grad_norm)
 
     def __call__(self, x, y):
@@ -95,9 +96,9 @@ class CudaGraphStep:
             self._capture(x, y)
         self._x[...] = x
         self._y[...] = y
-        for m in self.model.modules():
-            if hasattr(m, "_before_graph_replay"):
-                m._before_graph_replay()
+        for step in engines.steps(self.model):
+            if hasattr(step, "before_graph_replay"):
+                step.before_graph_replay()
         self.optimizer._before_graph_replay()
         self._graph.launch()
         self.replays += 1
@@ -120,7 +121,7 @@ class CudaGraphStep:
         return len(now) == len(self._bound_at_capture) and all(a is b for a, b in zip(now, self._bound_at_capture))
 
     def _capture(self, x, y):
-        cp, gpu = gpu_module(), gpu_kernels()
+        cp = gpu_module()
         self._x, self._y = x.copy(), y.copy()
         self._pool = cp.cuda.MemoryPool()            # the graph's own memory
         stream = cp.cuda.Stream(non_blocking=True)

@@ -26,7 +26,7 @@ gradient is the same algorithm transposed, F(3x3, 2x2) (:func:`weight_grad_sums`
 
 The transforms add a few roundings (the 1/2s are exact; the sums are not), so results differ
 from im2col's in the last bits of float32, well inside the tests' tolerances. The kernels are
-serial: :class:`minicnn.nn.fused.ConvBatchNormReLUPool` calls them from its worker threads, a
+serial: :class:`minicnn.engines.cpu.blocks.ConvBatchNormReLUPool` calls them from its worker threads, a
 chunk of images each. The obviously-correct version is im2col + GEMM (:mod:`minicnn.nn.conv`),
 and the tests tie the two.
 """

@@ -1,15 +1,15 @@
-"""The GPU path's CUDA kernels (CuPy), where the plain array code is slow on a GPU.
+"""The GPU engine's CUDA kernels (through CuPy), where the textbook array code is slow on a GPU.
 
-On a GPU the plain path is correct but spends its time launching small operations: im2col is
-nine slice copies, a pad and a transpose; max-pooling stacks its windows; the loss and every
+On a GPU the textbook layers are correct but spend their time launching small operations: im2col
+is nine slice copies, a pad and a transpose; max-pooling stacks its windows; the loss and every
 optimizer update are a dozen element-wise operations each. Each function here does one of those
-jobs in one kernel launch (source: ``gpu_kernels.cu`` beside this file), with the same inputs and
-outputs as the plain code it replaces, shown in its docstring. The layers call them when
-:func:`minicnn.kernels.gpu_path` says so (a CuPy float array, fast kernels on); switch them off
-with ``minicnn.kernels.use_fast_kernels(False)`` to run the plain path on the GPU.
+jobs in one kernel launch (source: ``kernels.cu`` beside this file), with the same inputs and
+outputs as the textbook code it replaces, shown in its docstring. The GPU engine's steps
+(:mod:`.layers`, :mod:`.blocks`) call them; ``minicnn.engine("textbook")`` runs the textbook
+layers on the GPU instead.
 
 Matrix products stay with CuPy (cuBLAS), except inside a CUDA-graph capture, where CuPy refuses
-them and :mod:`minicnn.kernels.cublas` calls cuBLAS itself (:func:`matmul`). Whether cuBLAS may
+them and :mod:`minicnn.engines.gpu.cublas` calls cuBLAS itself (:func:`matmul`). Whether cuBLAS may
 use TF32 for float32 products is CuPy's setting (``CUPY_TF32=1``; off by default), reported by
 :func:`tf32_enabled` and followed by both.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import gpu_module
-from .im2col import conv_output_size
+from ...backend import gpu_module
+from ...nn.im2col import conv_output_size
 
 __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm_statistics",
            "batchnorm_forward", "batchnorm_grad_sums", "batchnorm_backward", "im2col_nhwc", "col2im_nhwc",
@@ -29,7 +29,7 @@ __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm
            "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "cupy_captures_cublas",
            "cublas_capturable", "matmul", "tf32_enabled", "SOURCE"]
 
-SOURCE = Path(__file__).with_name("gpu_kernels.cu")
+SOURCE = Path(__file__).with_name("kernels.cu")
 THREADS = 256            # threads per block
 MAX_BLOCKS = 65535 * 8   # the grid-stride loops cover any size with at most this many blocks
 
@@ -90,7 +90,7 @@ _capturing = False
 
 
 def capturing():
-    """True while minicnn captures a CUDA graph (see minicnn.training.graph)."""
+    """True while minicnn captures a CUDA graph (see minicnn.engines.gpu.graph)."""
     return _capturing
 
 
@@ -133,14 +133,14 @@ def cupy_captures_cublas():
 
 def cublas_capturable():
     """True when a training step's matrix products can be captured in a CUDA graph: by CuPy itself,
-    or else by cuBLAS called directly (:mod:`minicnn.kernels.cublas`, tried once)."""
+    or else by cuBLAS called directly (:mod:`minicnn.engines.gpu.cublas`, tried once)."""
     from . import cublas
     return cupy_captures_cublas() or cublas.available()
 
 
 def matmul(a, b):
     """``a @ b``; while a CUDA graph is being captured and CuPy refuses cuBLAS calls, by cuBLAS
-    called directly on the capturing stream (:mod:`minicnn.kernels.cublas`)."""
+    called directly on the capturing stream (:mod:`minicnn.engines.gpu.cublas`)."""
     if _capturing and not _cupy_captures_cublas.get(getattr(gpu_module(), "__version__", "?"), False):
         from . import cublas
         return cublas.gemm(a, b)
@@ -158,7 +158,7 @@ def _contiguous(a, dtype=None):
 
 # --- convolution -------------------------------------------------------------------------------
 def im2col(x, kh, kw, stride=1, padding=0):
-    """:func:`minicnn.kernels.im2col.im2col` in one launch: (N, C, H, W) -> (N*OH*OW, C*KH*KW)."""
+    """:func:`minicnn.nn.im2col.im2col` in one launch: (N, C, H, W) -> (N*OH*OW, C*KH*KW)."""
     cp = gpu_module()
     x = _contiguous(x)
     n, c, h, w = x.shape
@@ -169,7 +169,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
 
 
 def col2im(col, x_shape, kh, kw, stride=1, padding=0):
-    """:func:`minicnn.kernels.im2col.col2im` in one launch, as a gather (no atomics)."""
+    """:func:`minicnn.nn.im2col.col2im` in one launch, as a gather (no atomics)."""
     cp = gpu_module()
     col = _contiguous(col)
     n, c, h, w = x_shape
@@ -279,7 +279,7 @@ def batchnorm_backward(g, xhat, gamma, inv_std, sum_g, sum_g_xhat, training, y=N
     return dx
 
 
-# --- the conv block on channels-last memory (minicnn/nn/fused.py) --------------------------------
+# --- the conv block on channels-last memory (minicnn/engines/gpu/blocks.py) --------------------------------
 # Row-wise sums over an (M, C) array run in `slices` threads per channel, ROW_VALUES values each,
 # and at least MIN_THREADS threads in all (a memory-bound pass needs many in flight).
 ROW_VALUES, MIN_THREADS = 256, 32768
@@ -297,7 +297,7 @@ def _vector(c):
 
 def im2col_nhwc(x, k, s, p, oh, ow):
     """Channels-last im2col: x (N, H, W, C) -> (N*OH*OW, K*K*C), columns (i, j, c) as in
-    :func:`minicnn.kernels.cpu.im2col_nhwc`."""
+    :func:`minicnn.engines.cpu.kernels.im2col_nhwc`."""
     cp = gpu_module()
     x = _contiguous(x)
     n, h, w, c = x.shape
@@ -345,7 +345,7 @@ def batchnorm_affine(y, bias, gamma, beta, running_mean, running_var, num_batche
 
 def bn_relu_pool_forward(y, scale, shift, k):
     """(out, arg): maxpool_k(relu(y * scale + shift)) of the channels-last y (N, H, W, C), and each
-    window's first maximum's offset i*k + j (uint8), as :func:`minicnn.kernels.cpu.bn_relu_pool_forward`."""
+    window's first maximum's offset i*k + j (uint8), as :func:`minicnn.engines.cpu.kernels.bn_relu_pool_forward`."""
     cp = gpu_module()
     n, h, w, c = y.shape
     oh, ow = h // k, w // k
@@ -373,7 +373,7 @@ def bn_relu_pool_grad_sums(g, arg, y, scale, shift, mean, k):
 
 def batchnorm_backward_affine(sums, mean, inv_std, gamma, m, training):
     """(a, b, c0, dgamma, dbeta, dbias) per channel: dL/dy = a * g_bn + b * y + c0 (see
-    :meth:`minicnn.nn.BatchNorm2d._fast_backward_affine`), the BatchNorm's parameter gradients, and
+    :func:`minicnn.engines.cpu.layers.backward_affine`), the BatchNorm's parameter gradients, and
     the conv bias's, sum(dL/dy) over the M values of each channel."""
     cp = gpu_module()
     c = gamma.shape[0]

@@ -12,8 +12,8 @@ needs for dL/dx.
 
 Both loop over the KH×KW kernel offsets only (9 iterations for 3×3); each
 iteration moves a whole strided slice of the batch, so there is no Python loop
-over pixels or images, and no ``np.add.at``. The same code runs on NumPy and
-CuPy. (After "Deep Learning from Scratch", common/util.py.)
+over pixels or images, and no ``np.add.at``. The same code runs on any array
+module (``xp``). (After "Deep Learning from Scratch", common/util.py.)
 """
 from ..backend import get_array_module
 

@@ -5,7 +5,7 @@ stream capture is currently unsupported": its ``setStream`` checks), and every c
 linear layer of a training step is a cuBLAS product. cuBLAS itself can be captured, given a
 workspace of its own that it does not have to allocate during the capture (NVIDIA's cuBLAS guide,
 "CUDA Graphs Support"); that is what PyTorch does. So while minicnn captures a step
-(:func:`minicnn.kernels.gpu.capture_scope`), its layers multiply with :func:`gemm`: the
+(:func:`minicnn.engines.gpu.kernels.capture_scope`), its layers multiply with :func:`gemm`: the
 ``libcublas`` CuPy has loaded, called through ctypes, with a handle and a 32 MiB workspace of
 minicnn's own, bound to the capturing stream. Outside a capture CuPy's ``a @ b`` does the work.
 
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from ..backend import get_array_module, gpu_module
+from ...backend import get_array_module, gpu_module
 
 __all__ = ["gemm", "plan", "available"]
 
@@ -133,7 +133,7 @@ def gemm(a, b):
     if out.size and k == 0:
         out[...] = 0
     elif out.size:
-        from .gpu import tf32_enabled
+        from .kernels import tf32_enabled
         double = a.dtype == np.float64
         dtype = _R_64F if double else _R_32F
         compute = _COMPUTE_64F if double else (_COMPUTE_32F_FAST_TF32 if tf32_enabled() else _COMPUTE_32F)

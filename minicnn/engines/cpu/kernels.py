@@ -16,7 +16,7 @@ same math, reorganised for speed on a CPU:
   ``prange``.
 
 Every kernel here is tested against the plain path and the naive loops in
-:mod:`minicnn.kernels.reference`.
+:mod:`minicnn.nn.reference`.
 """
 import os
 
@@ -35,7 +35,7 @@ __all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "im2col_nhwc_serial", "col2im_nhw
            "bn_relu_pool_backward", "bn_relu_pool_backward_serial"]
 
 _opts = dict(parallel=True, cache=True, fastmath=False, nogil=True)
-# Serial twins of some kernels run in several Python threads at once (see minicnn/nn/fused.py).
+# Serial twins of some kernels run in several Python threads at once (see blocks.py).
 # Each is a function of its own: numba's cache keys on the Python function.
 _serial = dict(_opts, parallel=False)
 

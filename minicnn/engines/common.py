@@ -1,0 +1,49 @@
+"""What both engines share: which runs of textbook layers a block step replaces, and its errors."""
+import numpy as np
+
+__all__ = ["fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool", "pooled_size",
+           "no_forward_yet", "before_forward", "NOTHING_KEPT"]
+
+NOTHING_KEPT = ("backward() through a forward pass that ran under minicnn.no_grad(): nothing was kept for it; "
+                "run the forward pass outside no_grad()")
+
+
+def fusable(layers):
+    """True for [BatchNorm2d, ReLU, MaxPool2d with stride == kernel <= 16]."""
+    from ..nn import BatchNorm2d, MaxPool2d, ReLU
+    return (len(layers) == 3 and type(layers[0]) is BatchNorm2d and type(layers[1]) is ReLU
+            and type(layers[2]) is MaxPool2d and layers[2].stride == layers[2].kernel_size
+            and layers[2].kernel_size <= 16)
+
+
+def fusable_with_conv(layers):
+    """True for [Conv2d, BatchNorm2d, ReLU, MaxPool2d with stride == kernel <= 16]."""
+    from ..nn import Conv2d
+    return len(layers) == 4 and type(layers[0]) is Conv2d and fusable(layers[1:])
+
+
+def fusable_bn_relu(layers):
+    """True for [BatchNorm2d, ReLU]."""
+    from ..nn import BatchNorm2d, ReLU
+    return len(layers) == 2 and type(layers[0]) is BatchNorm2d and type(layers[1]) is ReLU
+
+
+def pooled_size(h, w, k):
+    """The k x k pool's output size (floor mode), or a clear error when the input is smaller."""
+    if h // k < 1 or w // k < 1:
+        raise ValueError(f"MaxPool2d input of spatial size {(h, w)} is smaller than the kernel ({k}x{k})")
+    return h // k, w // k
+
+
+def check_bn_and_pool(bn, pool, conv_shape, dtype):
+    """The BatchNorm's and the pool's input checks on the conv's output shape, before any work."""
+    bn.check(np.broadcast_to(np.zeros((), dtype), conv_shape))
+    pooled_size(conv_shape[2], conv_shape[3], pool.kernel_size)
+
+
+def no_forward_yet():
+    return RuntimeError("BatchNorm2d.backward() was called before forward(): run a forward pass first")
+
+
+def before_forward(layer):
+    return RuntimeError(f"{type(layer).__name__}.backward() was called before forward(): run a forward pass first")
