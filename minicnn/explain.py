@@ -100,61 +100,85 @@ def first_layer_filters(model):
     return to_numpy(model.features[0].weight.data)[:, 0]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    """A matplotlib Figure made with the object API: no pyplot, no global backend switch, so the same
+    call works headless, in a script and in a notebook (which shows the returned figure)."""
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
-def plot_explanation(face, probs, target, sal, cam, classes, out_path):
-    """Face | saliency overlaid | Grad-CAM overlaid | class probabilities."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.4), gridspec_kw=dict(width_ratios=[1, 1, 1, 1.3]))
+def _save(fig, out_path):
+    if out_path is not None:
+        fig.savefig(out_path, dpi=100)
+    return fig
+
+
+def plot_explanation(face, probs, target, sal, cam, classes, out_path=None, cam_size=(6, 6)):
+    """Face | saliency overlaid | Grad-CAM overlaid | class probabilities, with colour bars and a
+    caption saying what each panel is. Returns the Figure; also saves it to ``out_path`` if given."""
+    fig = _figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 4, gridspec_kw=dict(width_ratios=[1, 1.15, 1.15, 1.3]))
     mag = np.abs(sal)
     mag = mag / mag.max() if mag.max() > 0 else mag
+    h, w = np.shape(face)
     axes[0].imshow(face, cmap="gray", vmin=0, vmax=255)
-    axes[0].set_title("input (48x48)")
+    axes[0].set_title(f"input ({h}x{w}, grayscale)")
     axes[1].imshow(face, cmap="gray", vmin=0, vmax=255)
-    axes[1].imshow(mag, cmap="hot", alpha=0.6, vmin=0, vmax=1)
+    im = axes[1].imshow(mag, cmap="hot", alpha=0.6, vmin=0, vmax=1)
     axes[1].set_title("saliency |d score / d pixel|")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02, label="relative to the largest pixel")
     axes[2].imshow(face, cmap="gray", vmin=0, vmax=255)
-    axes[2].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    im = axes[2].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     axes[2].set_title("Grad-CAM (last conv block)")
+    fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.02, label="relative to the largest cell")
     for ax in axes[:3]:
-        ax.axis("off")
+        ax.set_xticks([]), ax.set_yticks([])
     order = np.argsort(probs)
     axes[3].barh([classes[i] for i in order], probs[order],
                  color=["tab:red" if i == target else "tab:gray" for i in order])
     axes[3].set_xlim(0, 1)
+    axes[3].set_xlabel("probability")
     axes[3].set_title(f"prediction: {classes[target]} ({probs[target]:.0%})")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    ch, cw = cam_size
+    fig.text(0.01, 0.01, f"Saliency: gradient of the {classes[target]} score with respect to each input pixel "
+             f"(absolute value), from the model's own backward pass. Grad-CAM: the last conv block's "
+             f"{ch}x{cw} activation maps weighted by their mean gradient, summed, ReLU'd, then upsampled "
+             f"bilinearly to {h}x{w}: its resolution is {ch}x{cw}.", fontsize=8, wrap=True)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.2, wspace=0.7)
+    return _save(fig, out_path)
 
 
-def plot_filters_and_maps(filters, maps, face, out_path, per_row=16):
-    """Row 0: the face; rows 1-2: the first layer's 32 3x3 filters; then per block, 16 feature maps."""
-    plt = _plt()
+def plot_filters_and_maps(filters, maps, face, out_path=None, per_row=16):
+    """Row 0: the face; rows 1-2: the first layer's 3x3 filters (one shared colour scale, with its
+    bar); then per block, the first ``per_row`` feature maps, each scaled on its own. Returns the
+    Figure; also saves it to ``out_path`` if given."""
     filter_rows = -(-len(filters) // per_row)
     rows = 1 + filter_rows + len(maps)
-    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.8, rows * 0.95))
+    fig = _figure(figsize=(per_row * 0.85 + 1.2, rows * 1.05 + 0.9))
+    axes = fig.subplots(rows, per_row, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     axes[0, 0].imshow(face, cmap="gray", vmin=0, vmax=255)
     axes[0, 0].set_title("face", fontsize=7, loc="left")
     lim = float(np.abs(filters).max()) or 1.0
+    im = None
     for i, f in enumerate(filters):
         ax = axes[1 + i // per_row, i % per_row]
-        ax.imshow(f, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        im = ax.imshow(f, cmap="RdBu_r", vmin=-lim, vmax=lim)
         if i == 0:
-            ax.set_title("conv1 filters", fontsize=7, loc="left")
+            ax.set_title(f"conv1: all {len(filters)} filters (3x3), one colour scale", fontsize=7, loc="left")
+    if im is not None:
+        fig.colorbar(im, ax=axes[1:1 + filter_rows, :].ravel().tolist(), fraction=0.015, pad=0.01,
+                     label="weight")
     for r, (name, m) in enumerate(maps.items()):
-        for i in range(min(per_row, len(m))):
+        shown = min(per_row, len(m))
+        for i in range(shown):
             ax = axes[1 + filter_rows + r, i]
             ax.imshow(m[i], cmap="viridis")
             if i == 0:
-                ax.set_title(name, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+                ax.set_title(f"{name}: channels 0-{shown - 1} of {len(m)}, {m.shape[1]}x{m.shape[2]}",
+                             fontsize=7, loc="left")
+    fig.text(0.01, 0.005, "Feature maps: the activations after each block's max-pooling for this face; each "
+             "map is scaled to its own minimum (dark) and maximum (bright), so brightness compares pixels "
+             "within a map, not across maps.", fontsize=8)
+    return _save(fig, out_path)

@@ -98,3 +98,36 @@ def test_saliency_gradcam_and_feature_maps_on_the_gpu_equal_the_cpu(gpu):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
     for name, w in want_maps.items():
         np.testing.assert_allclose(feature_maps(model, x)[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_pictures_are_figures_with_captions_and_colour_bars_and_switch_no_backend(tmp_path):
+    """The plot helpers return matplotlib Figures made with the object API: no pyplot, no global
+    backend switch, so a notebook can show them; each panel says what it shows."""
+    import subprocess
+    import sys
+    code = """
+import sys, matplotlib
+matplotlib.use("svg")                         # a user's choice, which minicnn must leave alone
+import numpy as np, minicnn
+from minicnn.explain import plot_explanation, plot_filters_and_maps
+from minicnn.training.plots import plot_confusion
+rng = np.random.default_rng(0)
+face = rng.integers(0, 255, (48, 48))
+fig = plot_explanation(face, np.full(7, 1 / 7), 3, rng.standard_normal((48, 48)), rng.random((48, 48)),
+                       [str(i) for i in range(7)], sys.argv[1])
+texts = " ".join(t.get_text() for t in fig.texts)
+assert "upsampled" in texts and "6x6" in texts, texts
+assert sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>") == 2
+maps = {"block 1 (features.3)": rng.random((32, 24, 24))}
+fig = plot_filters_and_maps(rng.standard_normal((32, 3, 3)), maps, face)
+titles = [ax.get_title(loc="left") for ax in fig.axes]
+assert any("channels 0-15 of 32" in t for t in titles), titles
+assert "each map is scaled to its own" in " ".join(t.get_text() for t in fig.texts)
+assert type(plot_confusion(np.eye(3, dtype=int), list("abc"))).__name__ == "Figure"
+assert matplotlib.get_backend() == "svg" and "matplotlib.pyplot" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert (tmp_path / "x.png").stat().st_size > 1000

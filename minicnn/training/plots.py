@@ -1,4 +1,8 @@
-"""Pictures of a run (matplotlib, headless): curves, confusion matrix, sample predictions."""
+"""Pictures of a run: curves, confusion matrix, sample predictions.
+
+Each function returns a matplotlib Figure, made with the object API (no pyplot, no global backend
+switch: it works headless, in scripts and in notebooks), and saves it when given a path.
+"""
 import json
 
 import numpy as np
@@ -6,19 +10,23 @@ import numpy as np
 __all__ = ["plot_curves", "plot_confusion", "plot_samples"]
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
-def plot_curves(log_path, out_path):
+def _save(fig, out_path):
+    if out_path is not None:
+        fig.savefig(out_path, dpi=100)
+    return fig
+
+
+def plot_curves(log_path, out_path=None):
     """Loss and accuracy per epoch, train and validation, from a run's JSON-lines log."""
-    plt = _plt()
     rows = [json.loads(line) for line in open(log_path) if line.strip()]
     ep = [r["epoch"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     a.plot(ep, [r["train_loss"] for r in rows], label="train")
     a.plot(ep, [r["val_loss"] for r in rows], label="validation")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")
@@ -26,15 +34,15 @@ def plot_curves(log_path, out_path):
     b.plot(ep, [r["val_acc"] for r in rows], label="validation")
     b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(), b.set_title("accuracy")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    return _save(fig, out_path)
 
 
-def plot_confusion(cm, class_names, out_path, title="confusion matrix"):
-    plt = _plt()
+def plot_confusion(cm, class_names, out_path=None, title="confusion matrix"):
+    """Counts and row shares (recall per true class), coloured by share."""
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = _figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -43,22 +51,21 @@ def plot_confusion(cm, class_names, out_path, title="confusion matrix"):
             ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class's faces")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    return _save(fig, out_path)
 
 
-def plot_samples(images, labels, probs, class_names, out_path, n=24, seed=0):
+def plot_samples(images, labels, probs, class_names, out_path=None, n=24, seed=0):
     """A grid of ``n`` faces drawn at random (seeded) with the predicted class, its probability,
     and the true class (red when wrong)."""
-    plt = _plt()
     n = min(n, len(images))
     pick = np.random.default_rng(seed).permutation(len(images))[:n]
     images, labels, probs = images[pick], np.asarray(labels)[pick], probs[pick]
     cols = 8
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.65))
+    fig = _figure(figsize=(cols * 1.4, rows * 1.65))
+    axes = fig.subplots(rows, cols)
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if i >= n:
@@ -69,5 +76,4 @@ def plot_samples(images, labels, probs, class_names, out_path, n=24, seed=0):
         ax.set_title(f"{class_names[p]} {probs[i][p]:.0%}\n(true: {class_names[int(labels[i])]})",
                      fontsize=7, color="black" if ok else "red")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    return _save(fig, out_path)
