@@ -178,7 +178,8 @@ class MinicnnBackend(Backend):
         if self.device != "cpu":
             return {}
         from minicnn import nn
-        layer, x = nn.Sequential(LAYERS[lname][2](nn)), _layer_input(lname, batch)   # (a Sequential: the engine steps in)
+        # (in a Sequential, so that the engine's step for the layer runs)
+        layer, x = nn.Sequential(LAYERS[lname][2](nn)), _layer_input(lname, batch)
         if self.fast and x.ndim == 4:             # hand the layer channels-last memory, as in the model
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         fast = self.fast

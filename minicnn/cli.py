@@ -4,7 +4,7 @@
     minicnn evaluate [--weights FILE] [--data PATH] [--tta]                 metrics and confusion matrix
     minicnn predict IMAGE...                                                emotions in any face photo
     minicnn summary                                                         layers, shapes, parameters
-    minicnn gradcheck [--path textbook|cpu|gpu]                             textbook vs finite differences, engines vs textbook
+    minicnn gradcheck [--path textbook|cpu|gpu]                             the textbook and every engine, checked
     minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
 
 Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not

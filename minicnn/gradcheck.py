@@ -59,7 +59,8 @@ class CheckResult:
         where = f" at {self.worst_index}" if self.worst_index else ""
         return (f"[{self.path}] {self.layer} {self.tensor} [{self.mode}]: max rel error {self.max_rel_error:.2e} "
                 f"(tol {self.tolerance:.0e}){where}: {'analytic' if self.path == 'textbook' else self.path} "
-                f"{self.analytic:.6g} vs {'numeric' if self.path == 'textbook' else 'textbook'} {self.numeric:.6g} -> {'ok' if self.passed else 'FAIL'}")
+                f"{self.analytic:.6g} vs {'numeric' if self.path == 'textbook' else 'textbook'} {self.numeric:.6g} "
+                f"-> {'ok' if self.passed else 'FAIL'}")
 
 
 class GradcheckError(AssertionError):

@@ -30,7 +30,8 @@ x = rng.standard_normal((2, 3, 6, 5))
 col = im2col(x, 3, 3, stride=1, padding=1)
 print(col.shape)                          # expected: (60, 27): N*OH*OW rows, C*K*K columns
 c = rng.standard_normal(col.shape)
-print(np.isclose((col * c).sum(), (x * col2im(c, x.shape, 3, 3, 1, 1)).sum()))   # expected: True (<im2col x, c> = <x, col2im c>)
+# <im2col(x), c> = <x, col2im(c)>: col2im is the adjoint of im2col
+print(np.isclose((col * c).sum(), (x * col2im(c, x.shape, 3, 3, 1, 1)).sum()))   # expected: True
 
 # %%
 conv = nn.Conv2d(3, 4, 3, stride=1, padding=1, seed=0).double()

@@ -1,11 +1,34 @@
 """What both engines share: which runs of textbook layers a block step replaces, and its errors."""
 import numpy as np
 
-__all__ = ["fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool", "pooled_size",
+__all__ = ["Step", "StepWithInputGrad", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
+           "pooled_size",
            "no_forward_yet", "before_forward", "NOTHING_KEPT"]
 
 NOTHING_KEPT = ("backward() through a forward pass that ran under minicnn.no_grad(): nothing was kept for it; "
                 "run the forward pass outside no_grad()")
+
+
+class Step:
+    """An engine step: stands in for one or more textbook layers (``replaces``, set by the planner),
+    with their ``forward(x)`` / ``backward(dout)``; ``saved`` holds what its backward needs."""
+
+    saved = None
+    replaces = ()
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def backward_params(self, dout):
+        """Parameter gradients only (the first step of a network needs no dL/dx)."""
+        self.backward(dout)
+
+
+class StepWithInputGrad(Step):
+    """A step whose backward can skip dL/dx: ``backward(dout, input_grad=False)``."""
+
+    def backward_params(self, dout):
+        return self.backward(dout, input_grad=False)
 
 
 def fusable(layers):

@@ -240,7 +240,8 @@ class Module:
         return params[0].data.dtype if params else np.dtype(np.float32)
 
     def to(self, device=None, dtype=None):
-        """Move parameters and buffers to ``device`` ('cpu', or another device name: see minicnn.backend) and/or cast to ``dtype``."""
+        """Move parameters and buffers to ``device`` ('cpu', or another device name: see minicnn.backend)
+        and/or cast to ``dtype``."""
         dt = float_dtype(dtype) if dtype is not None else None
 
         def move(a):

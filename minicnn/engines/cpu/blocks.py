@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...nn.module import is_grad_enabled
-from ..common import NOTHING_KEPT, check_bn_and_pool, fusable, fusable_with_conv, no_forward_yet, pooled_size
+from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, check_bn_and_pool, fusable, fusable_with_conv,
+                      no_forward_yet, pooled_size)
 from . import kernels as cpu
 from . import threads, winograd, workspace
 from .layers import (Conv2dStep, accumulate_weight_columns, backward_affine, batch_affine,
@@ -44,7 +45,7 @@ class PoolBlockSaved:
     x_shape: tuple
 
 
-class BatchNormReLUPool:
+class BatchNormReLUPool(Step):
     """Replaces BatchNorm2d -> ReLU -> MaxPool2d (stride == kernel): statistics in one pass, then
     normalise, ReLU and pool in one pass writing only the pooled output and a one-byte argmax;
     backward: the BatchNorm's two sums over each window's winner only, then dL/dx in one pass."""
@@ -53,8 +54,6 @@ class BatchNormReLUPool:
         self.bn, self.relu, self.pool = bn, relu, pool
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x, offset=None):
         """``offset``: the true input is x + offset per channel (a conv bias left out)."""
@@ -73,8 +72,6 @@ class BatchNormReLUPool:
         self.saved = PoolBlockSaved(x_nhwc, mean, inv_std, scale, shift, arg, bn.training, x.shape)
         return cpu.from_nhwc(out)
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
     def backward(self, dout):
         return self._backward(dout)[0]
@@ -109,7 +106,7 @@ class ConvBlockSaved:
     training: bool
 
 
-class ConvBatchNormReLUPool:
+class ConvBatchNormReLUPool(StepWithInputGrad):
     """Replaces Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d; the conv's bias handled by the BatchNorm.
 
     Where :mod:`.threads` can run (a BLAS whose threads it can hold to one), the
@@ -169,8 +166,6 @@ class ConvBatchNormReLUPool:
         self.saved = None                                 # the threaded route's state
         self.route = None                                 # "layers", "threaded", "inference" (keeps nothing)
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def _chunk(self, n, per_image, rows_per_image):
         by_cache = max(1, self.CHUNK_BYTES // per_image)
@@ -320,7 +315,5 @@ class ConvBatchNormReLUPool:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None
 
-    def backward_params(self, dout):
-        return self.backward(dout, input_grad=False)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common import before_forward as _before_forward
+from ..common import Step, StepWithInputGrad, before_forward as _before_forward
 from . import kernels as cpu
 from . import workspace
 
@@ -41,7 +41,7 @@ class ConvSaved:
     out_shape: tuple         # (N, OC, OH, OW)
 
 
-class Conv2dStep:
+class Conv2dStep(StepWithInputGrad):
     """Replaces :class:`minicnn.nn.Conv2d`: numba im2col on NHWC memory, one GEMM whose result is the
     NHWC output (no transpose), col2im as a gather (each pixel sums the windows that saw it)."""
 
@@ -49,8 +49,6 @@ class Conv2dStep:
         self.conv = conv
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x, add_bias=True):
         """``add_bias=False`` leaves the bias out (a BatchNorm that follows takes it into account)."""
@@ -85,8 +83,6 @@ class Conv2dStep:
         dx = cpu.col2im_nhwc(dcol, k, s, p, oh, ow, workspace.empty(sv.x_nhwc_shape, dout.dtype))
         return cpu.from_nhwc(dx)
 
-    def backward_params(self, dout):
-        return self.backward(dout, input_grad=False)
 
 
 # --- BatchNorm2d: the statistics as one affine map per channel --------------------------------
@@ -168,7 +164,7 @@ class BatchNormSaved:
     nhwc_shape: tuple
 
 
-class BatchNorm2dStep:
+class BatchNorm2dStep(Step):
     """Replaces :class:`minicnn.nn.BatchNorm2d`: one numba pass for the statistics (shifted float64
     moments), one for ``out = x * scale + shift``; backward one pass for the two sums, one for
     ``dL/dx = a*g + b*x + c0``."""
@@ -177,8 +173,6 @@ class BatchNorm2dStep:
         self.bn = bn
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         bn = self.bn
@@ -202,8 +196,6 @@ class BatchNorm2dStep:
         dx = cpu.affine_channels_2(g2, sv.x2, a, b, c0, workspace.empty_like(sv.x2))
         return cpu.from_nhwc(dx.reshape(sv.nhwc_shape))
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
 # --- ReLU, MaxPool2d, Linear ------------------------------------------------------------------
@@ -214,7 +206,7 @@ def _memory(a):
     return np.ascontiguousarray(a), (lambda m: m)
 
 
-class ReLUStep:
+class ReLUStep(Step):
     """Replaces :class:`minicnn.nn.ReLU`: one numba pass each way on the activation's own memory
     layout, keeping the output (out > 0 is the mask) instead of a mask."""
 
@@ -222,8 +214,6 @@ class ReLUStep:
         self.relu = relu
         self.saved = None        # (output, logical shape)
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         mem, back = _memory(x)
@@ -240,11 +230,9 @@ class ReLUStep:
         dx = cpu.relu_backward(g.reshape(-1), out.reshape(-1), workspace.empty(g.size, g.dtype))
         return back(dx.reshape(g.shape))
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
-class MaxPool2dStep:
+class MaxPool2dStep(Step):
     """Replaces :class:`minicnn.nn.MaxPool2d` with non-overlapping windows (stride == kernel <= 16):
     one numba pass each way on NHWC memory, the argmax kept as one byte per output."""
 
@@ -252,8 +240,6 @@ class MaxPool2dStep:
         self.pool = pool
         self.saved = None        # (NHWC input shape, argmax, output shape)
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         n, c, oh, ow = self.pool.check(x)
@@ -272,19 +258,15 @@ class MaxPool2dStep:
         dx = cpu.maxpool_backward(cpu.nhwc(dout), arg, self.pool.kernel_size, workspace.empty(x_shape, dout.dtype))
         return cpu.from_nhwc(dx)
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
-class LinearStep:
+class LinearStep(StepWithInputGrad):
     """Replaces :class:`minicnn.nn.Linear`: the same three products, dL/dW into reused memory."""
 
     def __init__(self, linear):
         self.linear = linear
         self.saved = None        # the input
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         lin = self.linear
@@ -305,5 +287,3 @@ class LinearStep:
             lin.bias.accumulate_grad(dout.sum(axis=0))
         return dout @ lin.weight.data if input_grad else None
 
-    def backward_params(self, dout):
-        self.backward(dout, input_grad=False)

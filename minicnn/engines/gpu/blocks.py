@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ...backend import get_array_module
 from ...nn.module import is_grad_enabled
-from ..common import NOTHING_KEPT, check_bn_and_pool, fusable_with_conv, no_forward_yet
+from ..common import NOTHING_KEPT, StepWithInputGrad, check_bn_and_pool, fusable_with_conv, no_forward_yet
 from . import kernels as gpu
 from .layers import accumulate_weight_columns, weight_columns
 
@@ -28,7 +28,7 @@ class ConvBlockSaved:
     training: bool
 
 
-class ConvBatchNormReLUPoolGPU:
+class ConvBatchNormReLUPoolGPU(StepWithInputGrad):
     """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU's CUDA kernels, on
     channels-last memory as on the fast CPU path (the kernels: the end of kernels.cu)::
 
@@ -52,8 +52,6 @@ class ConvBatchNormReLUPoolGPU:
         self.saved = None
         self.kept_nothing = False
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         conv, bn, xp = self.conv, self.bn, get_array_module(x)
@@ -103,5 +101,3 @@ class ConvBatchNormReLUPoolGPU:
         dx = gpu.col2im_nhwc(gpu.matmul(dy, w_col.T), x_shape, conv.kernel_size, conv.stride, conv.padding, oh, ow)
         return dx.transpose(0, 3, 1, 2)
 
-    def backward_params(self, dout):
-        return self.backward(dout, input_grad=False)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ...backend import get_array_module, to_device
 from ...nn.module import check_input
-from ..common import before_forward as _before_forward
+from ..common import Step, StepWithInputGrad, before_forward as _before_forward
 from . import kernels as gpu
 
 __all__ = ["Conv2dStep", "BatchNorm2dStep", "BatchNormReLU", "MaxPool2dStep", "DropoutStep", "LinearStep",
@@ -52,7 +52,7 @@ class ConvSaved:
     out_shape: tuple
 
 
-class Conv2dStep:
+class Conv2dStep(StepWithInputGrad):
     """Replaces :class:`minicnn.nn.Conv2d`: im2col and col2im one launch each; dL/dW as col^T d, not
     d^T col (cuBLAS gave conv1's (32 x 2.4M) by (2.4M x 9) product at batch 1024 on an H200 a handful
     of tiles and 56 ms; (9 x 2.4M) by (2.4M x 32) took 0.3 ms), the bias gradient by image groups."""
@@ -61,8 +61,6 @@ class Conv2dStep:
         self.conv = conv
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         conv = self.conv
@@ -91,8 +89,6 @@ class Conv2dStep:
         dcol = gpu.matmul(d, conv.weight.data.reshape(oc, -1))
         return gpu.col2im(dcol, sv.x_shape, k, k, s, p)
 
-    def backward_params(self, dout):
-        return self.backward(dout, input_grad=False)
 
 
 @dataclass
@@ -103,7 +99,7 @@ class BatchNormSaved:
     relu_out: object         # the output when the ReLU was applied too (its mask: > 0), else None
 
 
-class BatchNorm2dStep:
+class BatchNorm2dStep(Step):
     """Replaces :class:`minicnn.nn.BatchNorm2d`: statistics in three launches (float64 partial sums
     per channel, their sum, one thread per channel that also updates the running statistics, the
     batch count in place: no read back), the normalisation in one, backward the same again."""
@@ -114,8 +110,6 @@ class BatchNorm2dStep:
         self.bn = bn
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         bn = self.bn
@@ -141,8 +135,6 @@ class BatchNorm2dStep:
         return gpu.batchnorm_backward(dout, sv.xhat, bn.weight.data, sv.inv_std, sum_g, sum_g_xhat, sv.training,
                                       sv.relu_out)
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
 class BatchNormReLU(BatchNorm2dStep):
@@ -157,7 +149,7 @@ class BatchNormReLU(BatchNorm2dStep):
         self.relu_layer = relu
 
 
-class MaxPool2dStep:
+class MaxPool2dStep(Step):
     """Replaces :class:`minicnn.nn.MaxPool2d` (kernel <= 16): one launch each way, the backward a
     gather (each pixel sums the windows it won)."""
 
@@ -165,8 +157,6 @@ class MaxPool2dStep:
         self.pool = pool
         self.saved = None        # (input shape, argmax)
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         self.pool.check(x)
@@ -181,11 +171,9 @@ class MaxPool2dStep:
         self.pool.check_grad(dout, arg.shape)
         return gpu.maxpool_backward(dout, arg, x_shape, self.pool.kernel_size, self.pool.stride)
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
-class DropoutStep:
+class DropoutStep(Step):
     """Replaces :class:`minicnn.nn.Dropout`: the mask made on the device by hashing (seed, index) in
     one launch; the backward makes it again from the seed instead of storing it. The seed is one draw
     from the layer's generator per forward pass (as the textbook layer draws on a device), kept in
@@ -196,8 +184,6 @@ class DropoutStep:
         self.seed = None         # DeviceValues holding this step's seed
         self.saved = None        # (seed array or None for the identity, dtype, shape)
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         d = self.dropout
@@ -231,11 +217,9 @@ class DropoutStep:
         self.dropout.check_grad(dout, shape)
         return dout if seed is None else gpu.dropout(dout, self.dropout.p, seed)
 
-    def backward_params(self, dout):
-        self.backward(dout)
 
 
-class LinearStep:
+class LinearStep(StepWithInputGrad):
     """Replaces :class:`minicnn.nn.Linear`: the same products through :func:`.kernels.matmul`, so a
     CUDA graph can capture them."""
 
@@ -243,8 +227,6 @@ class LinearStep:
         self.linear = linear
         self.saved = None
 
-    def __call__(self, x):
-        return self.forward(x)
 
     def forward(self, x):
         lin = self.linear
@@ -265,8 +247,6 @@ class LinearStep:
             lin.bias.accumulate_grad(dout.sum(axis=0))
         return gpu.matmul(dout, lin.weight.data) if input_grad else None
 
-    def backward_params(self, dout):
-        self.backward(dout, input_grad=False)
 
 
 class CrossEntropyStep:
