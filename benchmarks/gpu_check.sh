@@ -1,7 +1,7 @@
 #!/bin/sh
 # The GPU check, in one go, for a machine with an NVIDIA GPU and CuPy (no install needed: it runs
 # from the checkout): the environment, a smoke test, every GPU test, the GPU benchmark, then where
-# the step's time goes (benchmarks/gpu_profile.py). Results go to $OUT (default benchmarks/results):
+# the step's time goes (minicnn/benchmarks/gpu_profile.py). Results go to $OUT (default benchmarks/results):
 # gpu-env.txt, gpu-smoke.txt, gpu-tests.txt, gpu-benchmark.txt, gpu-latest.json, gpu-<date>.json,
 # gpu-latest.png and gpu-profile.txt.
 #
@@ -64,4 +64,4 @@ timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "cupy" --ma
 
 timeout ${BENCH_TIMEOUT:-240} $PY -m benchmarks --gpu --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/gpu-benchmark.txt"
 
-timeout ${PROFILE_TIMEOUT:-90} $PY -m benchmarks.gpu_profile 2>&1 | tee "$OUT/gpu-profile.txt"
+timeout ${PROFILE_TIMEOUT:-90} $PY -m minicnn.benchmarks.gpu_profile 2>&1 | tee "$OUT/gpu-profile.txt"

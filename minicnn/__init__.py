@@ -17,9 +17,9 @@ import os as _os
 import sys as _sys
 
 # OpenBLAS's idle threads spin for about 0.1 s after each matrix product and steal the
-# cores from the numba kernel that follows (about 20% of a training step on 2 cores).
-# A short spin fixes it; OpenBLAS reads this when NumPy loads it, so it only takes effect
-# if NumPy is not imported yet (the CPU engine warns otherwise: minicnn/engines/cpu/__init__.py).
+# cores from the numba kernel that follows (1.5-2x a training step's time on 2 cores).
+# A short spin fixes it. OpenBLAS reads this when NumPy loads it; if NumPy was imported
+# first, the CPU engine has OpenBLAS read it again (minicnn/engines/cpu/__init__.py).
 _openblas_spins = "numpy" in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 

@@ -6,6 +6,8 @@
     minicnn summary                                                         layers, shapes, parameters
     minicnn gradcheck [--path textbook|cpu|gpu]                             the textbook and every engine, checked
     minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
+    minicnn bench [--quick] ...                                             minicnn vs PyTorch on this machine
+    minicnn cache [--clear]                                                 where compiled kernels and data are cached
 
 Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not
 set either, the built-in synthetic faces are used (and the run says so).
@@ -33,8 +35,13 @@ def _cmd_train(args):
         print("minicnn: error: --cuda-graph needs --device gpu (CUDA graphs replay GPU work)", file=sys.stderr)
         return 2
     from .data import EMOTIONS, Augment, load_dataset
+    from .extras import available
     from .training import Recipe, Trainer, format_report
     from .training.plots import plot_confusion, plot_curves, plot_samples
+    pictures = available("matplotlib")
+    if not pictures:
+        print("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
+              "samples): pip install 'minicnn[plots]'", file=sys.stderr)
     data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
     builtin = desc.startswith("built-in")
     print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
@@ -62,14 +69,16 @@ def _cmd_train(args):
     print(format_report(report, EMOTIONS))
     with open(os.path.join(args.out, "test_report.json"), "w") as f:
         json.dump(dict(report, tta=args.tta, train_minutes=minutes), f, indent=1)
-    plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
-    plot_confusion(report["confusion_matrix"], EMOTIONS, os.path.join(args.out, "confusion.png"),
-                   title=f"test accuracy {report['accuracy']:.1%}")
-    x, y = data["test"]
-    plot_samples(x, y, probs, EMOTIONS, os.path.join(args.out, "samples.png"))
+    written = "best.npz, last.npz, log.jsonl"
+    if pictures:
+        plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+        plot_confusion(report["confusion_matrix"], EMOTIONS, os.path.join(args.out, "confusion.png"),
+                       title=f"test accuracy {report['accuracy']:.1%}")
+        x, y = data["test"]
+        plot_samples(x, y, probs, EMOTIONS, os.path.join(args.out, "samples.png"))
+        written += ", curves.png, confusion.png, samples.png"
     print(f"\ntest accuracy {report['accuracy']:.2%} after {trainer.epoch} epochs, {minutes:.1f} minutes; "
-          f"wrote {args.out}/best.npz, last.npz, log.jsonl, curves.png, confusion.png, samples.png",
-          file=sys.stderr)
+          f"wrote {args.out}/{written}", file=sys.stderr)
     return 0
 
 
@@ -95,12 +104,19 @@ def _cmd_evaluate(args):
           f"test-time augmentation {'on' if args.tta else 'off'}\n")
     print(format_report(report, EMOTIONS))
     if args.out:
+        from .extras import available
         os.makedirs(args.out, exist_ok=True)
-        png = os.path.join(args.out, f"confusion_{args.split}.png")
-        plot_confusion(report["confusion_matrix"], EMOTIONS, png, title=f"{args.split} accuracy {report['accuracy']:.1%}")
-        with open(os.path.join(args.out, f"report_{args.split}.json"), "w") as f:
+        written = [os.path.join(args.out, f"report_{args.split}.json")]
+        with open(written[0], "w") as f:
             json.dump(report, f, indent=1)
-        print(f"\nwrote {png}")
+        if available("matplotlib"):
+            written.append(os.path.join(args.out, f"confusion_{args.split}.png"))
+            plot_confusion(report["confusion_matrix"], EMOTIONS, written[-1],
+                           title=f"{args.split} accuracy {report['accuracy']:.1%}")
+        else:
+            print("minicnn: no confusion-matrix picture without matplotlib: pip install 'minicnn[plots]'",
+                  file=sys.stderr)
+        print(f"\nwrote {', '.join(written)}")
     return 0
 
 
@@ -184,6 +200,27 @@ def _cmd_export(args):
     return 0
 
 
+def _cmd_bench(args):
+    from .benchmarks.run import main as bench_main
+    return bench_main(args.bench_args)
+
+
+def _cmd_cache(args):
+    from .data.fer2013 import cache_dir
+    from .engines import kernel_cache
+    places = [("compiled CPU kernels (numba)", kernel_cache.location()), ("decoded datasets", cache_dir())]
+    for what, path in places:
+        size = kernel_cache.folder_size(path)
+        print(f"{what}: {path} ({size / 2**20:.1f} MB)" if size is not None else f"{what}: {path} (empty)")
+    if args.clear:
+        kernel_cache.clear()
+        import shutil
+        if os.path.isdir(cache_dir()):
+            shutil.rmtree(cache_dir())
+        print("cleared: the kernels compile again on first use (about a minute on 2 cores), datasets decode again")
+    return 0
+
+
 def _cmd_summary(args):
     from .models import EmotionClassifier
     EmotionClassifier(num_classes=args.num_classes).summary()
@@ -191,8 +228,10 @@ def _cmd_summary(args):
 
 
 def build_parser():
+    from . import __version__
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"minicnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the EmotionClassifier (built-in faces or FER2013)")
@@ -266,6 +305,15 @@ def build_parser():
     p.add_argument("--machine", default=None, help="where it was trained, for the card")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("bench", help="minicnn against PyTorch on this machine (minicnn bench --help)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("cache", help="where minicnn caches compiled kernels and decoded datasets")
+    p.add_argument("--clear", action="store_true", help="delete both caches")
+    p.set_defaults(func=_cmd_cache)
+
     p = sub.add_parser("summary", help="print the EmotionClassifier's layers, shapes and parameters")
     p.add_argument("--num-classes", type=int, default=7)
     p.set_defaults(func=_cmd_summary)
@@ -273,13 +321,17 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:            # (its options are the benchmark's own, --help included)
+        return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     from .backend import DeviceError
     from .data import DatasetError
+    from .extras import MissingExtra
     from .training import CheckpointError, TrainingDiverged
     try:
         return args.func(args)
-    except (DeviceError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError) as exc:
+    except (DeviceError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError, MissingExtra) as exc:
         print(f"minicnn: error: {exc}", file=sys.stderr)
         return 2
 

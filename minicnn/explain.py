@@ -103,8 +103,8 @@ def first_layer_filters(model):
 def _figure(**kw):
     """A matplotlib Figure made with the object API: no pyplot, no global backend switch, so the same
     call works headless, in a script and in a notebook (which shows the returned figure)."""
-    from matplotlib.figure import Figure
-    return Figure(**kw)
+    from .extras import require
+    return require("matplotlib.figure", "pictures").Figure(**kw)
 
 
 def _save(fig, out_path):

@@ -89,23 +89,9 @@ def torch_or_skip():
 
 def torch_emotion_classifier(num_classes=7):
     """The PyTorch module whose state dict minicnn's EmotionClassifier trades with."""
-    torch = torch_or_skip()
-    nn = torch.nn
-
-    class EmotionClassifier(nn.Module):
-        def __init__(self, num_classes=7):
-            super().__init__()
-
-            def block(i, o):
-                return [nn.Conv2d(i, o, 3, 1, 1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
-            self.features = nn.Sequential(*block(1, 32), *block(32, 64), *block(64, 128), *block(128, 256))
-            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2304, 512), nn.ReLU(), nn.Dropout(0.5),
-                                            nn.Linear(512, num_classes))
-
-        def forward(self, x):
-            return self.classifier(self.features(x))
-
-    return EmotionClassifier(num_classes)
+    torch_or_skip()
+    from minicnn.models.torch_twin import torch_emotion_classifier as make
+    return make(num_classes)
 
 
 @pytest.fixture

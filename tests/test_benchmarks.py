@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from benchmarks import run as bench
+from minicnn.benchmarks import run as bench
 
 
 def test_flop_counts_match_the_network():
@@ -139,7 +139,7 @@ def _run_gpu_backends(names):
 
 
 def test_the_gpu_profile_times_each_stage_and_the_graph_step(gpu, capturable_cublas, capsys):
-    from benchmarks import gpu_profile
+    from minicnn.benchmarks import gpu_profile
     from minicnn.engines.gpu import kernels as gpu_kernels
     gpu_profile.stages(4, repeats=1)
     gpu_profile.graph_step(4, repeats=1)

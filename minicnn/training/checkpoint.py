@@ -1,11 +1,18 @@
-"""Checkpoints: one ``.npz`` (no pickle) plus readable JSON metadata, written atomically.
+"""Checkpoints and weights files: ``.npz`` (no pickle) plus readable JSON, written atomically.
 
-The ``.npz`` holds ``model/<name>`` arrays (PyTorch-compatible state dict),
-``optim/<key>`` arrays, and ``meta`` -- the JSON metadata as bytes (epoch, step,
-schedule and random states, recipe, normalisation, metrics). ``<file>.json``
-beside it is the same metadata for people. Files are written to a temporary
-name and renamed, so an interrupted save never leaves a half-written
-checkpoint in place of the last good one.
+Two layouts, both read by :func:`load_checkpoint`:
+
+* a **training checkpoint** holds ``model/<name>`` arrays (the PyTorch-compatible state dict),
+  ``optim/<key>`` arrays, and ``meta`` -- the JSON metadata as bytes (epoch, step, schedule and
+  random states, recipe, normalisation, metrics); ``<file>.json`` beside it is the same metadata
+  for people;
+* a **weights file** (:func:`save_weights`, what ``minicnn export`` writes and minicnn ships) holds
+  the state dict alone, under PyTorch's names and nothing else, so that
+  ``torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(path).items()})`` works
+  as it is; its metadata (classes, input normalisation, the card) is ``<file>.json`` beside it.
+
+Files are written to a temporary name and renamed, so an interrupted save never leaves a
+half-written file in place of the last good one.
 """
 import json
 import os
@@ -14,7 +21,7 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
+__all__ = ["CheckpointError", "save_checkpoint", "save_weights", "load_checkpoint", "atomic_write_bytes"]
 
 
 class CheckpointError(ValueError):
@@ -56,6 +63,16 @@ def save_checkpoint(path, model_state, optim_state=None, meta=None):
     atomic_write_bytes(os.path.splitext(path)[0] + ".json", text.encode())
 
 
+def save_weights(path, model_state, card):
+    """A weights file: the state dict alone (PyTorch's names, nothing else) and ``card`` as JSON beside it."""
+    import io
+    text = json.dumps(card, indent=1, sort_keys=True, default=_json_default)
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in model_state.items()})
+    atomic_write_bytes(os.path.splitext(path)[0] + ".json", text.encode())
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
@@ -71,11 +88,18 @@ def load_checkpoint(path):
     try:
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
-            if "meta" not in files:
-                raise CheckpointError(f"{path} is not a minicnn checkpoint (no 'meta' entry)")
-            meta = json.loads(bytes(z["meta"]).decode())
-            model = {k[len("model/"):]: z[k] for k in files if k.startswith("model/")}
-            optim = {k[len("optim/"):]: z[k] for k in files if k.startswith("optim/")}
+            if "meta" in files:                                   # a training checkpoint
+                meta = json.loads(bytes(z["meta"]).decode())
+                model = {k[len("model/"):]: z[k] for k in files if k.startswith("model/")}
+                optim = {k[len("optim/"):]: z[k] for k in files if k.startswith("optim/")}
+            else:                                                 # a weights file: its card is beside it
+                card = os.path.splitext(path)[0] + ".json"
+                if not os.path.exists(card):
+                    raise CheckpointError(f"{path} has no 'meta' entry and no card {card} beside it: not a minicnn "
+                                          "checkpoint or weights file")
+                with open(card) as f:
+                    meta = json.load(f)
+                model, optim = {k: z[k] for k in files}, {}
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, json.JSONDecodeError) as exc:

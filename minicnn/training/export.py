@@ -3,9 +3,9 @@
     minicnn export runs/fer2013/best.npz --report runs/fer2013/test_report.json \
         --out minicnn/weights/emotion_fer2013
 
-writes ``emotion_fer2013.npz`` (the model's state dict in float32 and the metadata that
-``predict`` and ``evaluate`` need: classes and input normalisation; no optimizer state) and
-``emotion_fer2013.json``, the card: recipe, data, normalisation, accuracy per class, commit.
+writes ``emotion_fer2013.npz`` (the model's state dict in float32 under PyTorch's names, nothing
+else: no optimizer state, no prefix) and ``emotion_fer2013.json``, the card that ``predict`` and
+``evaluate`` read beside it: classes, input normalisation, recipe, data, accuracy per class, commit.
 """
 import json
 import os
@@ -13,7 +13,7 @@ import subprocess
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_weights
 
 __all__ = ["export_weights"]
 
@@ -34,9 +34,9 @@ def export_weights(checkpoint, out_base, report=None, extra=None):
     card = {
         "model": meta["model"], "num_classes": meta["num_classes"], "classes": meta["classes"],
         "normalization": meta["normalization"], "recipe": meta["recipe"], "data": meta["data"],
-        "epochs_trained": meta["epoch"], "best_val_acc": meta["best_val_acc"],
+        "epochs_trained": meta.get("epoch", meta.get("epochs_trained")), "best_val_acc": meta.get("best_val_acc"),
         "minicnn_version": meta.get("minicnn_version"), "commit": _commit(),
-        "history": meta.get("history"),
+        "history": meta.get("history"), "format": "minicnn weights: state dict only; this card beside it",
     }
     if report:
         with open(report) as f:
@@ -45,5 +45,5 @@ def export_weights(checkpoint, out_base, report=None, extra=None):
                         "per_class": rep["per_class"], "confusion_matrix": rep["confusion_matrix"],
                         "train_minutes": rep.get("train_minutes")}
     card.update(extra or {})
-    save_checkpoint(out_base + ".npz", state, meta=card)
+    save_weights(out_base + ".npz", state, card)
     return card

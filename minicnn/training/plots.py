@@ -11,8 +11,8 @@ __all__ = ["plot_curves", "plot_confusion", "plot_samples"]
 
 
 def _figure(**kw):
-    from matplotlib.figure import Figure
-    return Figure(**kw)
+    from ..extras import require
+    return require("matplotlib.figure", "pictures").Figure(**kw)
 
 
 def _save(fig, out_path):

@@ -19,27 +19,42 @@ from .layers import BatchNorm2dStep, Conv2dStep, LinearStep, MaxPool2dStep, ReLU
 __all__ = ["RULES", "sgd_update"]
 
 
-def _warn_if_openblas_spins():
-    """Say so when NumPy came first and OpenBLAS's idle threads spin (see minicnn/__init__.py)."""
+def _openblas_threads_sleep_soon():
+    """OpenBLAS's idle threads must stop spinning soon after a matrix product, or they take the cores
+    from the numba kernels that follow (on 2 cores a training step took 1.5-2x as long). ``import
+    minicnn`` sets OPENBLAS_THREAD_TIMEOUT=4, which OpenBLAS reads when it loads; if NumPy loaded it
+    first, OpenBLAS is told to read its environment again (``openblas_read_env``) and to restart its
+    threads (``blas_thread_shutdown_``; the next product starts them with the new setting), so the
+    import order does not matter. Where OpenBLAS does not export those, say so once."""
     import sys
     if not getattr(sys.modules.get("minicnn"), "_openblas_spins", False):
         return
     try:
+        import ctypes
         from threadpoolctl import threadpool_info
-        spinning = any(i.get("internal_api") == "openblas" and i.get("threading_layer") == "pthreads"
-                       and i.get("num_threads", 1) > 1 for i in threadpool_info())
+        libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"
+                and i.get("threading_layer") == "pthreads" and i.get("num_threads", 1) > 1]
     except Exception:
         return
-    if spinning:
-        import warnings
-        from .. import PerformanceWarning
-        warnings.warn("NumPy was imported before minicnn, so OpenBLAS's idle threads spin for about 0.1 s "
-                      "after every matrix product and slow minicnn's CPU engine (by about 20% on 2 cores). "
-                      "Import minicnn before NumPy, or set OPENBLAS_THREAD_TIMEOUT=4 in the environment.",
-                      PerformanceWarning, stacklevel=2)
+    for info in libs:
+        try:
+            lib = ctypes.CDLL(info["filepath"])
+            lib.openblas_read_env()
+            lib.blas_thread_shutdown_()
+        except (OSError, AttributeError):
+            import warnings
+            from .. import PerformanceWarning
+            warnings.warn("NumPy was imported before minicnn, and its OpenBLAS cannot be told to let its idle "
+                          "threads sleep soon, so they spin after every matrix product and slow minicnn's CPU "
+                          "engine (about 1.5x on 2 cores). Import minicnn before NumPy, or set "
+                          "OPENBLAS_THREAD_TIMEOUT=4 in the environment.", PerformanceWarning, stacklevel=2)
 
 
-_warn_if_openblas_spins()
+_openblas_threads_sleep_soon()
+
+from ..kernel_cache import announce_first_compile  # noqa: E402
+
+announce_first_compile()
 
 
 def _is(cls, test=None):

@@ -3,8 +3,8 @@ backward, and the kernels inside, timed with a synchronisation around each (so t
 step: the GPU no longer overlaps them); the CUDA-graph step; and PyTorch CUDA's top kernels for
 the same step, from its profiler.
 
-    python -m benchmarks.gpu_profile                    # batch 256 and 1024
-    python -m benchmarks.gpu_profile --batch-sizes 64
+    python -m minicnn.benchmarks.gpu_profile                    # batch 256 and 1024
+    python -m minicnn.benchmarks.gpu_profile --batch-sizes 64
 
 Needs CuPy and an NVIDIA GPU (PyTorch with CUDA for its part). ``sh benchmarks/gpu_check.sh``
 runs it last and writes its output to gpu-profile.txt.
@@ -15,7 +15,7 @@ import time
 import traceback
 from collections import defaultdict
 
-import minicnn  # noqa: F401  (before NumPy, as users should)
+import minicnn  # noqa: F401
 import numpy as np
 
 from minicnn.backend import synchronize, to_device
@@ -117,7 +117,7 @@ def graph_step(batch, repeats=20):
 def torch_kernels(batch, rows=25):
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from benchmarks.run import TorchBackend
+    from minicnn.benchmarks.run import TorchBackend
     backend = TorchBackend("torch-cuda", "cuda", channels_last=False)     # (the benchmark's PyTorch step)
     backend.setup()
     step, _ = backend.prepare(batch)
@@ -133,7 +133,7 @@ def torch_kernels(batch, rows=25):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_profile", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minicnn.benchmarks.gpu_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     args = p.parse_args(argv)

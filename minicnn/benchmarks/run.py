@@ -1,9 +1,11 @@
 """minicnn against PyTorch, side by side, taking turns.
 
-    python -m benchmarks                 # full run: batch 64 and 128, layers too (a few minutes)
-    python -m benchmarks --quick         # under a minute
-    python -m benchmarks --batch-sizes 64 256 1024 --repeats 20
-    python -m benchmarks --gpu           # the GPU comparison: batch 64, 256, 1024 (see README)
+    minicnn bench                        # full run: batch 64 and 128, layers too (a few minutes)
+    minicnn bench --quick                # under a minute
+    minicnn bench --batch-sizes 64 256 1024 --repeats 20
+    minicnn bench --gpu                  # the GPU comparison: batch 64, 256, 1024 (see README)
+
+(``python -m minicnn.benchmarks`` is the same; so is ``python -m benchmarks`` in a source checkout.)
 
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
@@ -19,7 +21,8 @@ a step as in training, where steps run back to back; ``--cold`` times the first
 step after the wait instead), so drift in the machine's speed hits all
 alike; the table quotes medians after warm-up, ratios to PyTorch, and the
 fraction of the GEMM bound (the step's FLOPs at the sgemm rate measured in the same run). Writes
-``results/benchmark-<date>.json``, ``results/latest.json`` and a PNG chart.
+``benchmark-<date>.json``, ``latest.json`` and a PNG chart to benchmarks/results in a source
+checkout, else to ./minicnn-benchmarks (``--out`` to choose).
 """
 import os
 
@@ -46,7 +49,9 @@ def fast_kernels(on):
     return _using("auto" if on else "textbook")
 from minicnn.models import EmotionClassifier  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_CHECKOUT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "results")
+RESULTS = (os.path.normpath(_CHECKOUT_RESULTS) if os.path.isdir(_CHECKOUT_RESULTS)
+           else os.path.join(os.getcwd(), "minicnn-benchmarks"))
 FER2013_TRAIN = 28709          # images in FER2013's Training split: one epoch
 GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-tf32", "minicnn-cupy-graph",
                 "minicnn-cupy-graph-tf32", "torch-cuda", "torch-cuda-fp32", "minicnn-fast", "torch-cpu-cl"]
@@ -243,8 +248,7 @@ class TorchBackend(Backend):
 
     def prepare(self, batch, seed=0):
         torch = _torch()
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        from conftest import torch_emotion_classifier
+        from minicnn.models.torch_twin import torch_emotion_classifier
         torch.manual_seed(seed)
         model = torch_emotion_classifier().to(self.device)
         x = torch.randn(batch, 1, 48, 48, device=self.device)
@@ -480,7 +484,7 @@ def peak_memory_mb(backend_name, batch, steps=3):
 def cold_start_seconds():
     """Seconds for a fresh process to import minicnn and run its first fast training step (numba cache warm)."""
     code = ("import time; t = time.perf_counter()\n"
-            "import benchmarks.run as r\n"
+            "import minicnn.benchmarks.run as r\n"
             "step, _ = [b for b in r.all_backends() if b.name == 'minicnn-fast'][0].prepare(8)\n"
             "step(); print(time.perf_counter() - t)\n")
     return _number_from_fresh_process(code)
@@ -636,7 +640,7 @@ def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+    p = argparse.ArgumentParser(prog="minicnn bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 64 only, fewer repeats, no layers/memory")
     p.add_argument("--gpu", action="store_true",
@@ -651,7 +655,8 @@ def main(argv=None):
     p.add_argument("--cold", action="store_true",
                    help="time each backend's first step after its idle wait (default: a steady step, one "
                         "untimed step of the same job before each timed one; see time_interleaved)")
-    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default: benchmarks/results)")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default: benchmarks/results in a source checkout, "
+                                            "else ./minicnn-benchmarks)")
     args = p.parse_args(argv)
     batches = args.batch_sizes or ([64] if args.quick else [64, 256, 1024] if args.gpu else [64, 128])
     repeats = args.repeats or (5 if args.quick else 15)
