@@ -32,8 +32,9 @@ def location():
 
 
 def compiled():
-    """True when every kernel has a compiled version cached (for some signature)."""
-    return all(os.path.exists(cache._cache_file._index_path) for cache in _caches())
+    """True when some kernel has a compiled version cached (not a fresh install; kernels a program never
+    uses are never compiled, so 'all of them' would never hold)."""
+    return any(os.path.exists(cache._cache_file._index_path) for cache in _caches())
 
 
 def announce_first_compile(stream=None):
@@ -48,8 +49,8 @@ def announce_first_compile(stream=None):
         where = location()
     except Exception:          # (a numba whose cache internals differ: say nothing rather than fail)
         return
-    print(f"minicnn: compiling the CPU engine's kernels for this machine, once (about 1-2 minutes on 2 cores, "
-          f"a few seconds per kernel as each is first used); cached in {where} (`minicnn cache --clear` "
+    print(f"minicnn: compiling the CPU engine's kernels for this machine, once (about half a minute on 2 "
+          f"cores); cached in {where} (`minicnn cache --clear` "
           "removes them)", file=stream or sys.stderr, flush=True)
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...nn.module import is_grad_enabled
-from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, check_bn_and_pool, fusable, fusable_with_conv,
-                      no_forward_yet, pooled_size)
+from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, TextbookRun, batchnorm_buffers, check_bn_and_pool,
+                      fusable, fusable_with_conv, no_forward_yet, pooled_size, restore_batchnorm_buffers)
 from . import kernels as cpu
 from . import threads, winograd, workspace
 from .layers import (Conv2dStep, accumulate_weight_columns, backward_affine, batch_affine,
@@ -53,12 +53,15 @@ class BatchNormReLUPool(Step):
     def __init__(self, bn, relu, pool):
         self.bn, self.relu, self.pool = bn, relu, pool
         self.saved = None
-
+        self.fallback = None          # the textbook layers, when the output was not finite
 
     def forward(self, x, offset=None):
-        """``offset``: the true input is x + offset per channel (a conv bias left out)."""
+        """``offset``: the true input is x + offset per channel (a conv bias left out; the conv block
+        then checks the output itself)."""
         bn = self.bn
         bn.check(x)
+        self.fallback = None
+        before = batchnorm_buffers(bn) if offset is None else None
         n, c, h, w = x.shape
         k = self.pool.kernel_size
         oh, ow = pooled_size(h, w, k)
@@ -70,10 +73,15 @@ class BatchNormReLUPool(Step):
         arg = workspace.empty((n, oh, ow, c), np.uint8)
         cpu.bn_relu_pool_forward(x_nhwc, scale, shift, k, out, arg)
         self.saved = PoolBlockSaved(x_nhwc, mean, inv_std, scale, shift, arg, bn.training, x.shape)
+        if offset is None and not np.isfinite(out).all():      # NaN or inf: PyTorch's, by the textbook
+            restore_batchnorm_buffers(bn, before)
+            self.saved, self.fallback = None, TextbookRun([bn, self.relu, self.pool])
+            return self.fallback.forward(x)
         return cpu.from_nhwc(out)
 
-
     def backward(self, dout):
+        if self.fallback is not None:
+            return self.fallback.backward(dout)
         return self._backward(dout)[0]
 
     def _backward(self, dout):
@@ -164,8 +172,8 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         self.conv_step = Conv2dStep(conv)                 # the route one layer after the other
         self.rest = BatchNormReLUPool(bn, relu, pool)
         self.saved = None                                 # the threaded route's state
-        self.route = None                                 # "layers", "threaded", "inference" (keeps nothing)
-
+        self.route = None                                 # "layers", "threaded", "inference" (keeps nothing),
+        self.fallback = None                              # or "textbook": these layers, for a non-finite output
 
     def _chunk(self, n, per_image, rows_per_image):
         by_cache = max(1, self.CHUNK_BYTES // per_image)
@@ -173,6 +181,16 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         return min(max(by_cache, by_gemm), -(-n // threads.workers()))
 
     def forward(self, x):
+        before = batchnorm_buffers(self.bn)
+        out = self._forward(x)
+        if np.isfinite(out).all():
+            return out
+        restore_batchnorm_buffers(self.bn, before)      # NaN or inf: PyTorch's, by the textbook layers
+        self.saved = self.conv_step.saved = self.rest.saved = None
+        self.route, self.fallback = "textbook", TextbookRun([self.conv, self.bn, self.rest.relu, self.pool])
+        return self.fallback.forward(x)
+
+    def _forward(self, x):
         conv, bn = self.conv, self.bn
         conv_shape = conv.check(x)
         self.saved = None
@@ -265,6 +283,8 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
     def backward(self, dout, input_grad=True):
         if self.route == "inference":
             raise RuntimeError(NOTHING_KEPT)
+        if self.route == "textbook":
+            return self.fallback.backward(dout, input_grad)
         if self.route != "threaded":
             dy, sum_dy = self.rest._backward(dout)
             return self.conv_step.backward(dy, input_grad, bias_grad=sum_dy)

@@ -278,7 +278,7 @@ def relu_forward(x, out):
     """out = max(x, 0) on flat arrays."""
     for i in prange(x.size):
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v <= 0 else v          # (a NaN stays NaN, as in PyTorch)
     return out
 
 
@@ -387,6 +387,7 @@ def _bn_relu_pool_row(x, scale, shift, k, out, arg, r):
     """Output row r = (n, y) of :func:`bn_relu_pool_forward`."""
     oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
     ni, y = r // oh, r % oh
+    zero = out[ni, y, 0, 0] * 0          # (0 in the array's own type: a float literal would make v float64)
     for xo in range(ow):
         o = out[ni, y, xo]
         a = arg[ni, y, xo]
@@ -396,8 +397,8 @@ def _bn_relu_pool_row(x, scale, shift, k, out, arg, r):
                 pos = i * k + j
                 for ci in range(c):
                     v = src[ci] * scale[ci] + shift[ci]
-                    v = v if v > 0 else v * 0          # ReLU (NaN -> 0 as in relu_forward)
-                    if pos == 0 or v > o[ci]:
+                    v = v if v > 0 or v != v else zero  # ReLU (a NaN stays NaN, -inf gives 0)
+                    if pos == 0 or v > o[ci] or (v != v and o[ci] == o[ci]):    # (a NaN wins, as in PyTorch)
                         o[ci] = v
                         a[ci] = pos
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common import Step, StepWithInputGrad, before_forward as _before_forward
+from ..common import (Step, StepWithInputGrad, TextbookRun, batchnorm_buffers, before_forward as _before_forward,
+                      restore_batchnorm_buffers)
 from . import kernels as cpu
 from . import workspace
 
@@ -48,7 +49,6 @@ class Conv2dStep(StepWithInputGrad):
     def __init__(self, conv):
         self.conv = conv
         self.saved = None
-
 
     def forward(self, x, add_bias=True):
         """``add_bias=False`` leaves the bias out (a BatchNorm that follows takes it into account)."""
@@ -173,18 +173,24 @@ class BatchNorm2dStep(Step):
         self.bn = bn
         self.saved = None
 
-
     def forward(self, x):
         bn = self.bn
         bn.check(x)
+        self.fallback, before = None, batchnorm_buffers(bn)
         x_nhwc = cpu.nhwc(x)
         x2 = x_nhwc.reshape(-1, bn.num_features)                    # (M, C)
         mean, inv_std, scale, shift = batch_affine(bn, x2) if bn.training else eval_affine(bn, x2.dtype)
         out = cpu.affine_channels(x2, scale, shift, workspace.empty_like(x2))
         self.saved = BatchNormSaved(x2, mean, inv_std, bn.training, x.shape, x_nhwc.shape)
+        if not np.isfinite(out).all():          # NaN or inf: PyTorch's, by the textbook layer (see TextbookRun)
+            restore_batchnorm_buffers(bn, before)
+            self.saved, self.fallback = None, TextbookRun([bn])
+            return self.fallback.forward(x)
         return cpu.from_nhwc(out.reshape(x_nhwc.shape))
 
     def backward(self, dout):
+        if getattr(self, "fallback", None) is not None:
+            return self.fallback.backward(dout)
         bn, sv = self.bn, self.saved
         if sv is None:
             raise _before_forward(bn)
@@ -214,7 +220,6 @@ class ReLUStep(Step):
         self.relu = relu
         self.saved = None        # (output, logical shape)
 
-
     def forward(self, x):
         mem, back = _memory(x)
         out = cpu.relu_forward(mem.reshape(-1), workspace.empty(mem.size, mem.dtype)).reshape(mem.shape)
@@ -239,7 +244,6 @@ class MaxPool2dStep(Step):
     def __init__(self, pool):
         self.pool = pool
         self.saved = None        # (NHWC input shape, argmax, output shape)
-
 
     def forward(self, x):
         n, c, oh, ow = self.pool.check(x)
@@ -266,7 +270,6 @@ class LinearStep(StepWithInputGrad):
     def __init__(self, linear):
         self.linear = linear
         self.saved = None        # the input
-
 
     def forward(self, x):
         lin = self.linear

@@ -52,7 +52,6 @@ class ConvBatchNormReLUPoolGPU(StepWithInputGrad):
         self.saved = None
         self.kept_nothing = False
 
-
     def forward(self, x):
         conv, bn, xp = self.conv, self.bn, get_array_module(x)
         n, oc, oh, ow = conv_shape = conv.check(x)

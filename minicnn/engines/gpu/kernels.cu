@@ -71,7 +71,7 @@ extern "C" __global__ void col2im(const real* col, real* x, int n, int c, int h,
 }
 
 // Max-pooling, k x k windows at stride s (floor mode): the maximum, and its offset i*k + j in the
-// window (one byte; the first maximum wins ties, as in PyTorch).
+// window (one byte; the first maximum wins ties, and a NaN wins, as in PyTorch).
 extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned char* arg, int nc, int h, int w,
                                            int k, int s, int oh, int ow) {
     const idx total = (idx)nc * oh * ow;
@@ -83,7 +83,7 @@ extern "C" __global__ void maxpool_forward(const real* x, real* out, unsigned ch
         for (int i = 0; i < k; ++i)
             for (int j = 0; j < k; ++j) {
                 real v = plane[(oy * s + i) * w + ox * s + j];
-                if (v > best) { best = v; where = i * k + j; }
+                if (v > best || (v != v && best == best)) { best = v; where = i * k + j; }
             }
         out[e] = best;
         arg[e] = (unsigned char)where;
@@ -422,8 +422,8 @@ __device__ __forceinline__ void bn_relu_pool_group(const real* y, const real* sc
         for (int i = 0; i < k; ++i)
             for (int j = 0; j < k; ++j) {
                 real v = window[((idx)i * w + j) * c + u] * sc + sh;
-                v = v > 0 ? v : v * 0;
-                if ((i == 0 && j == 0) || v > best) { best = v; where = i * k + j; }
+                v = v > 0 || v != v ? v : (real)0;          // ReLU (a NaN stays NaN, -inf gives 0)
+                if ((i == 0 && j == 0) || v > best || (v != v && best == best)) { best = v; where = i * k + j; }
             }
         out[cell * c + ch0 + u] = best;
         arg[cell * c + ch0 + u] = (unsigned char)where;
@@ -431,7 +431,8 @@ __device__ __forceinline__ void bn_relu_pool_group(const real* y, const real* sc
 }
 
 // out[n, py, px, ch] = the maximum over the k x k window of relu(y * scale + shift), and arg = i*k + j
-// of its first maximum (cpu.py's bn_relu_pool_forward; the ReLU keeps NaN as NaN, as relu_forward).
+// of its first maximum (the CPU engine's bn_relu_pool_forward; the ReLU keeps NaN as NaN and a NaN wins
+// the window, as in PyTorch).
 // Each thread does v neighbouring channels (4 when C allows), as im2col_nhwc.
 extern "C" __global__ void bn_relu_pool_forward_nhwc(const real* y, const real* scale, const real* shift, real* out,
                                                      unsigned char* arg, int n, int h, int w, int c, int k, int oh,

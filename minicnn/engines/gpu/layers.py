@@ -61,7 +61,6 @@ class Conv2dStep(StepWithInputGrad):
         self.conv = conv
         self.saved = None
 
-
     def forward(self, x):
         conv = self.conv
         n, oc, oh, ow = conv.check(x)
@@ -110,7 +109,6 @@ class BatchNorm2dStep(Step):
         self.bn = bn
         self.saved = None
 
-
     def forward(self, x):
         bn = self.bn
         bn.check(x)
@@ -157,7 +155,6 @@ class MaxPool2dStep(Step):
         self.pool = pool
         self.saved = None        # (input shape, argmax)
 
-
     def forward(self, x):
         self.pool.check(x)
         out, arg = gpu.maxpool_forward(x, self.pool.kernel_size, self.pool.stride)
@@ -183,7 +180,6 @@ class DropoutStep(Step):
         self.dropout = dropout
         self.seed = None         # DeviceValues holding this step's seed
         self.saved = None        # (seed array or None for the identity, dtype, shape)
-
 
     def forward(self, x):
         d = self.dropout
@@ -226,7 +222,6 @@ class LinearStep(StepWithInputGrad):
     def __init__(self, linear):
         self.linear = linear
         self.saved = None
-
 
     def forward(self, x):
         lin = self.linear
