@@ -387,7 +387,8 @@ def _bn_relu_pool_row(x, scale, shift, k, out, arg, r):
     """Output row r = (n, y) of :func:`bn_relu_pool_forward`."""
     oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
     ni, y = r // oh, r % oh
-    zero = out[ni, y, 0, 0] * 0          # (0 in the array's own type: a float literal would make v float64)
+    zero = scale[0] * 0     # 0 in the arrays' own type (a float literal would make v float64); a
+    #                         non-finite scale gives NaN here, and the step's output check takes over
     for xo in range(ow):
         o = out[ni, y, xo]
         a = arg[ni, y, xo]
