@@ -38,25 +38,25 @@ def _cmd_train(args):
     from .extras import available
     from .training import Recipe, Trainer, format_report
     from .training.plots import plot_confusion, plot_curves, plot_samples
+    builtin = (args.data or os.environ.get("MINICNN_DATA")) is None
+    defaults = Recipe()
+    recipe = Recipe(                                      # (every value checked before any work)
+        epochs=args.epochs if args.epochs is not None else (4 if builtin else defaults.epochs),
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
+        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed)
     pictures = available("matplotlib")
     if not pictures:
         print("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
               "samples): pip install 'minicnn[plots]'", file=sys.stderr)
     data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
-    builtin = desc.startswith("built-in")
     print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
           f"{len(data['test'][1])} test images", file=sys.stderr)
     if builtin:
         print("no --data or $MINICNN_DATA given: training on the built-in synthetic faces "
               "(see the README for FER2013)", file=sys.stderr)
-    defaults = Recipe()
-    recipe = Recipe(
-        epochs=args.epochs if args.epochs is not None else (4 if builtin else defaults.epochs),
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
-        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed)
     trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=desc,
-                      progress=not args.no_progress, cuda_graph=args.cuda_graph)
+                      progress=not args.no_progress, cuda_graph=args.cuda_graph, overwrite=args.overwrite)
     t0 = time.perf_counter()
     try:
         trainer.fit(resume=args.resume)
@@ -121,15 +121,26 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
+    """Each image in turn: a file that cannot be read is reported and skipped, the others are still
+    predicted, and the exit code is 1 when any failed."""
+    from .data import DatasetError
     from .inference import load_face, EmotionPredictor
     predictor = EmotionPredictor(_weights_path(args.weights), device=args.device)
+    failed = 0
     for path in args.images:
-        probs = predictor.predict(load_face(path))[0]
+        try:
+            probs = predictor.predict(load_face(path))[0]
+        except (DatasetError, OSError) as exc:
+            failed += 1
+            print(f"minicnn: error: {exc}", file=sys.stderr)
+            continue
         order = np.argsort(-probs)
         print(f"{path}: {predictor.classes[order[0]]}")
         for i in order:
             print(f"  {predictor.classes[i]:<9}{probs[i]:7.1%}")
-    return 0
+    if failed:
+        print(f"minicnn: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_gradcheck(args):
@@ -170,7 +181,8 @@ def _cmd_explain(args):
     from .explain import plot_explanation, saliency_and_gradcam
     predictor, face = _load_one_face(args.image, args.weights, args.device)
     probs, target, sal, cam = saliency_and_gradcam(predictor.model, predictor.input_tensor(face))
-    out = args.out or os.path.splitext(os.path.basename(args.image))[0] + "_explain.png"
+    name = os.path.splitext(os.path.basename(args.image))[0] + "_explain.png"
+    out = os.path.join(args.out, name) if args.out and os.path.isdir(args.out) else (args.out or name)
     plot_explanation(face, probs, target, sal, cam, predictor.classes, out)
     print(f"{args.image}: {predictor.classes[target]} ({probs[target]:.1%}); wrote {out}")
     return 0
@@ -186,8 +198,9 @@ def _cmd_visualize(args):
         predictor = EmotionPredictor(_weights_path(args.weights), device=args.device)
         face = make_faces(1, seed=0, labels=[3])[0][0]
     maps = feature_maps(predictor.model, predictor.input_tensor(face))
-    plot_filters_and_maps(first_layer_filters(predictor.model), maps, face, args.out)
-    print(f"wrote {args.out}")
+    out = os.path.join(args.out, "filters_and_maps.png") if os.path.isdir(args.out) else args.out
+    plot_filters_and_maps(first_layer_filters(predictor.model), maps, face, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -252,7 +265,8 @@ def build_parser():
     p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/emotion", help="folder for checkpoints, log and plots")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz (same recipe and data)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (default: refuse)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--cuda-graph", action="store_true",
                    help="with --device gpu: replay each training step as a CUDA graph (same results, less overhead)")
@@ -288,7 +302,8 @@ def build_parser():
     _add_common(p, data=False)
     p.add_argument("image")
     p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
-    p.add_argument("--out", default=None, help="PNG to write (default: IMAGE_explain.png here)")
+    p.add_argument("--out", default=None, help="PNG to write, or a folder to write IMAGE_explain.png into "
+                                               "(default: IMAGE_explain.png here)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("visualize", help="first-layer filters and a face's feature maps, as a PNG")
@@ -331,8 +346,12 @@ def main(argv=None):
     from .training import CheckpointError, TrainingDiverged
     try:
         return args.func(args)
-    except (DeviceError, DatasetError, CheckpointError, TrainingDiverged, FileNotFoundError, MissingExtra) as exc:
+    except (DeviceError, DatasetError, CheckpointError, TrainingDiverged, MissingExtra, ValueError) as exc:
         print(f"minicnn: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:                # a full disk, a folder that is a file, no permission, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"minicnn: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

@@ -6,36 +6,21 @@
 """
 import numpy as np
 
-from .data import DatasetError, normalize
+from .data import normalize
+from .data.images import decode_face, face_from_image
 from .training.trainer import load_model, predict_proba
 
 __all__ = ["load_face", "prepare_face", "EmotionPredictor"]
 
 
 def prepare_face(image):
-    """A PIL image of any size or mode -> uint8 (48, 48): grayscale, centre-cropped square, resized."""
-    from PIL import Image
-    im = image.convert("L")
-    w, h = im.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    if im.size != (48, 48):
-        im = im.resize((48, 48), Image.LANCZOS)
-    return np.asarray(im, dtype=np.uint8)
+    """A PIL image of any size or mode -> uint8 (48, 48) (see :mod:`minicnn.data.images`)."""
+    return face_from_image(image)
 
 
 def load_face(path):
     """Read an image file and prepare it (an error names the file if it cannot be decoded)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return prepare_face(im)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no image at {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot decode image {path}: {exc}") from None
+    return decode_face(path)
 
 
 class EmotionPredictor:

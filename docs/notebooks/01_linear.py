@@ -56,7 +56,7 @@ assert all(r.passed for r in results)
 # %%
 class BrokenLinear(nn.Linear):
     def backward(self, dout, input_grad=True):
-        x = self._saved()
+        x, = self._saved()
         self.weight.accumulate_grad(dout.T @ x)
         self.bias.accumulate_grad(dout.mean(axis=0))          # BUG: mean, not sum
         return dout @ self.weight.data

@@ -194,10 +194,11 @@ class MinicnnBackend(Backend):
                 return layer(x)
         g = np.ones_like(fwd())
 
-        def bwd():
+        def fwd_bwd():                      # (a backward needs its own forward pass, as in PyTorch)
             with fast_kernels(fast):
+                layer(x)
                 layer.backward(g)
-        return {"forward": fwd, "backward": bwd}
+        return {"forward": fwd, "forward+backward": fwd_bwd}
 
 
 class TorchBackend(Backend):

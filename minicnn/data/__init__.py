@@ -16,8 +16,12 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
     source has three splits (the CSV); otherwise a stratified, seeded
     ``val_fraction`` of training. Test is never used for selection.
     """
+    import math
     import os
     import numpy as np
+    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 < val_fraction < 1):
+        raise ValueError(f"val_fraction must be in (0, 1): the share of Training held out for validation, "
+                         f"got {val_fraction!r}")
     if path is None:
         path = os.environ.get("MINICNN_DATA") or None
     if path is None:
@@ -29,7 +33,10 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
         val_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:int(round(val_fraction * (y == c).sum()))]
                                   for c in range(len(EMOTIONS))])
         mask = np.zeros(len(y), dtype=bool)
-        mask[val_idx] = True
+        mask[val_idx.astype(np.int64)] = True
+        if not mask.any() or mask.all():
+            raise DatasetError(f"{path}: a {val_fraction:.0%} validation split of {len(y)} training images leaves "
+                               f"{'no validation' if not mask.any() else 'no training'} images; change --val-fraction")
         data["val"] = (x[mask], y[mask])
         data["train"] = (x[~mask], y[~mask])
         desc = (f"FER2013 from {path} (validation: a stratified {val_fraction:.0%} of Training; "

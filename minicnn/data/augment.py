@@ -86,6 +86,11 @@ def random_erase(x, rng, p=0.5, area=(0.02, 0.2), ratio=(0.3, 3.3)):
     return xp.where(box[:, None], xp.zeros((), dtype=x.dtype), x)
 
 
+def _finite(v):
+    import math
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class Augment:
     """Which augmentations to apply, in this order: affine, crop, flip, erase."""
@@ -94,6 +99,16 @@ class Augment:
     rotate: float = 10.0        # max degrees of the affine jitter (0: off)
     scale: float = 0.1          # max relative scale of the affine jitter
     erase: float = 0.5          # probability of random erasing (0: off)
+
+    def __post_init__(self):
+        checks = [("crop", isinstance(self.crop, (int, np.integer)) and not isinstance(self.crop, bool)
+                   and 0 <= self.crop <= 16, "a whole number of pixels from 0 to 16"),
+                  ("rotate", _finite(self.rotate) and 0 <= self.rotate <= 180, "degrees from 0 to 180"),
+                  ("scale", _finite(self.scale) and 0 <= self.scale < 1, "in [0, 1)"),
+                  ("erase", _finite(self.erase) and 0 <= self.erase <= 1, "a probability in [0, 1]")]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"augmentation {name} must be {what}, got {getattr(self, name)!r}")
 
     def __call__(self, x, rng):
         if self.rotate or self.scale:

@@ -22,15 +22,15 @@ import sys
 
 import numpy as np
 
+from .errors import DatasetError
+from .images import decode_face, image_extensions
+
 __all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir"]
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".pgm")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2          # 2: keyed by content; images decoded by minicnn/data/images.py
 
 
-class DatasetError(ValueError):
-    """The data is missing, incomplete or malformed; the message says where."""
 
 
 def cache_dir():
@@ -51,7 +51,7 @@ def _folder_files(root):
         if not os.path.isdir(d):
             raise DatasetError(f"{root}: missing the '{split}/' folder (expected train/<emotion>/*.jpg and "
                                f"test/<emotion>/*.jpg with emotions {', '.join(EMOTIONS)})")
-        found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)))
+        found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
         unknown = [e for e in found if e.lower() not in EMOTIONS]
         if unknown:
             raise DatasetError(f"{d}: unknown emotion folder(s) {', '.join(unknown)}; expected "
@@ -59,11 +59,23 @@ def _folder_files(root):
         missing = [e for e in EMOTIONS if e not in {f.lower() for f in found}]
         if missing:
             raise DatasetError(f"{d}: missing emotion folder(s) {', '.join(missing)}")
-        files = []
+        files, skipped, empty = [], [], []
+        extensions = image_extensions()
         for e in found:
             label = EMOTIONS.index(e.lower())
-            names = sorted(n for n in os.listdir(os.path.join(d, e)) if n.lower().endswith(_IMAGE_EXT))
+            entries = sorted(n for n in os.listdir(os.path.join(d, e)) if not n.startswith("."))  # (._*, .DS_Store)
+            names = [n for n in entries if n.lower().endswith(extensions)
+                     and os.path.isfile(os.path.join(d, e, n))]
+            skipped += [os.path.join(e, n) for n in entries if n not in names]
+            if not names:
+                empty.append(e)
             files += [(os.path.join(d, e, n), label) for n in names]
+        if skipped:
+            print(f"minicnn: {d}: skipped {len(skipped)} entries that are not images Pillow opens "
+                  f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+        if empty and len(empty) < len(found):
+            print(f"minicnn: {d}: no images in {', '.join(empty)}: the model will never see "
+                  f"{'that class' if len(empty) == 1 else 'those classes'} in {split}", file=sys.stderr)
         if not files:
             raise DatasetError(f"{d}: no images found (expected {split}/<emotion>/*.jpg)")
         splits[split] = files
@@ -71,15 +83,8 @@ def _folder_files(root):
 
 
 def _decode(path):
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            if im.size != (48, 48):
-                im = im.resize((48, 48), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"cannot decode image {path}: {exc}") from None
+    """The same decoding as predict's (minicnn/data/images.py): upright, grayscale, central square, 48x48."""
+    return decode_face(path)
 
 
 def _fingerprint(items):
@@ -90,12 +95,23 @@ def _fingerprint(items):
 
 
 def _folder_fingerprint(root, splits):
-    items = []
+    """A hash of every image's place, label and bytes: two sources share a cache entry only if they
+    hold the same images (reading 30,000 small JPEGs takes about a second; decoding them, a minute)."""
+    h = hashlib.blake2b(f"v{_CACHE_VERSION}".encode(), digest_size=12)
     for split, files in splits.items():
         for path, label in files:
-            st = os.stat(path)
-            items.append((os.path.relpath(path, root), label, st.st_size, st.st_mtime_ns))
-    return _fingerprint(items)
+            h.update(f"{split}/{os.path.relpath(path, root)}:{label}:".encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def _file_fingerprint(path):
+    h = hashlib.blake2b(f"v{_CACHE_VERSION}".encode(), digest_size=12)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read_folder(splits, progress):
@@ -112,21 +128,52 @@ def _read_folder(splits, progress):
 
 # --- the CSV ---------------------------------------------------------------------------------
 
-def _read_csv(path, progress):
+def _read_csv_check_kind(path):
+    """A clear error for a file that is not a CSV at all (an image given as --data)."""
+    _read_csv(path, progress=False, only_check=True)
+
+
+def _read_csv(path, progress, only_check=False):
     usage_to_split = {"training": "train", "publictest": "val", "privatetest": "test"}
     data = {s: ([], []) for s in ("train", "val", "test")}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"PK\x03\x04", b"II*\x00", b"MM\x00*", b"RIFF")):
+        raise DatasetError(f"{path} is an image or an archive, not a dataset: give the FER2013 folder (with "
+                           "train/ and test/) or Kaggle's fer2013.csv")
+    if only_check:
+        return None
+    try:
+        return _read_csv_rows(path, data, usage_to_split)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                           f"{exc.start} of a read block): is it fer2013.csv?") from None
+
+
+def _read_csv_rows(path, data, usage_to_split):
+    # utf-8-sig: a byte-order mark, which some editors write, is not part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
         try:
             header = [h.strip().lower() for h in next(reader)]
         except StopIteration:
             raise DatasetError(f"{path}: the file is empty") from None
+        except csv.Error as exc:
+            raise DatasetError(f"{path}: line 1: {exc}") from None
         try:
             ie, ip, iu = header.index("emotion"), header.index("pixels"), header.index("usage")
         except ValueError:
             raise DatasetError(f"{path}: line 1: expected the header emotion,pixels,Usage, got "
                                f"{','.join(header)}") from None
-        for lineno, row in enumerate(reader, start=2):
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise DatasetError(f"{path}: line {reader.line_num}: {exc} (a stray quote?)") from None
+            lineno = reader.line_num
             if not row:
                 continue
             try:
@@ -137,9 +184,11 @@ def _read_csv(path, progress):
                 raise DatasetError(f"{path}: line {lineno}: malformed row ({exc})") from None
             if not 0 <= label < 7:
                 raise DatasetError(f"{path}: line {lineno}: emotion {label} is not in 0..6")
-            if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
-                raise DatasetError(f"{path}: line {lineno}: expected 2304 pixel values in 0..255, "
-                                   f"got {pixels.size}")
+            if pixels.size != 48 * 48:
+                raise DatasetError(f"{path}: line {lineno}: expected 2304 pixel values (48x48), got {pixels.size}")
+            if pixels.min() < 0 or pixels.max() > 255:
+                bad = pixels[(pixels < 0) | (pixels > 255)][0]
+                raise DatasetError(f"{path}: line {lineno}: pixel values must be in 0..255, got {bad}")
             if usage not in usage_to_split:
                 raise DatasetError(f"{path}: line {lineno}: unknown Usage {row[iu]!r} "
                                    "(expected Training, PublicTest or PrivateTest)")
@@ -174,18 +223,22 @@ def load_fer2013(path, use_cache=True, progress=True):
         def read():
             return _read_folder(splits, progress)
     else:
-        st = os.stat(path)
-        fingerprint = _fingerprint([os.path.basename(path), st.st_size, st.st_mtime_ns])
+        _read_csv_check_kind(path)
+        fingerprint = _file_fingerprint(path)
         def read():
             return _read_csv(path, progress)
     cache_file = os.path.join(cache_dir(), f"fer2013-{fingerprint}.npz")
     if use_cache and os.path.exists(cache_file):
         try:
             with np.load(cache_file, allow_pickle=False) as z:
-                return {s: (z[f"{s}_images"], z[f"{s}_labels"])
-                        for s in ("train", "val", "test") if f"{s}_images" in z}
-        except (OSError, ValueError, KeyError):
-            pass                       # a damaged cache is simply rebuilt
+                cached = {s: (z[f"{s}_images"], z[f"{s}_labels"])
+                          for s in ("train", "val", "test") if f"{s}_images" in z}
+            if "train" in cached and all(im.ndim == 3 and im.shape[1:] == (48, 48) and len(im) == len(lab)
+                                         for im, lab in cached.values()):
+                return cached
+        except Exception:              # (a damaged file: zip, npy or truncation errors of any kind)
+            pass
+        print(f"minicnn: the dataset cache {cache_file} is damaged: decoding again", file=sys.stderr)
     data = read()
     if use_cache:
         try:

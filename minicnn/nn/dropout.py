@@ -64,7 +64,10 @@ class Dropout(Module):
     def last_mask(self):
         """The mask of the last forward pass (out = x * mask, scale included), or None when it
         was the identity (eval mode, p = 0)."""
-        return self._saved()[0]
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError("Dropout.last_mask() was called before forward(): no mask yet")
+        return cache[0]
 
     def backward(self, dout):
         mask, shape = self._saved()

@@ -23,7 +23,7 @@ class Flatten(Module):
         if getattr(x, "ndim", 0) < 2:
             raise ValueError(f"Flatten expects input of shape (N, ...), got {getattr(x, 'shape', type(x).__name__)}")
         self._cache = x.shape
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], int(math.prod(x.shape[1:])))     # (N, C*H*W), N = 0 included
 
     def backward(self, dout):
         shape = self._saved()
@@ -57,11 +57,11 @@ class Linear(Module):
         out = x @ self.weight.data.T                   # out = x W^T
         if self.bias is not None:
             out = out + self.bias.data                 #     + b
-        self._cache = x
+        self._cache = (x,)                             # (a new tuple each forward: backward takes it once)
         return out
 
     def backward(self, dout, input_grad=True):
-        x = self._saved()
+        x, = self._saved()
         self.check_grad(dout, (x.shape[0], self.out_features))
         self.weight.accumulate_grad(dout.T @ x)        # dL/dW = g^T x
         if self.bias is not None:

@@ -171,11 +171,16 @@ class Module:
         return self.forward(x)
 
     def _saved(self):
-        """The forward cache, or a clear error when backward comes first."""
+        """The forward cache, handed to backward once (a second backward for one forward pass would add
+        every gradient twice: PyTorch refuses it too), or a clear error."""
         cache = self.__dict__.get("_cache")
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward() was called before forward(): "
                                "run a forward pass first")
+        if cache is self.__dict__.get("_spent_cache"):
+            raise RuntimeError(f"{type(self).__name__}.backward() was called twice for one forward pass (the "
+                               "gradients would be added twice): run a forward pass first")
+        object.__setattr__(self, "_spent_cache", cache)     # (each forward makes a new cache object)
         return cache
 
     def check_grad(self, dout, out_shape):
@@ -285,10 +290,11 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays from ``state_dict`` (NumPy, or anything with ``.numpy()``).
 
-        Everything is checked before anything changes: missing, unexpected and
-        mis-shaped entries are all named in one ValueError and the model is
-        left as it was. With ``strict=False`` missing and unexpected keys are
-        ignored (shapes must still match).
+        Everything is checked and converted before anything changes: missing,
+        unexpected and mis-shaped entries, values that are not numbers (object
+        arrays, None) and values that overflow the model's dtype are all named in
+        one ValueError, and the model is left as it was. With ``strict=False``
+        missing and unexpected keys are ignored (shapes must still match).
         """
         targets = {}
         for mname, m in self.named_modules():
@@ -302,28 +308,44 @@ class Module:
                 v = v.detach().cpu().numpy()
             return to_numpy(v)
 
-        given = {k: as_numpy(v) for k, v in state_dict.items()}
+        given, problems = {}, []
+        for k, v in state_dict.items():
+            try:
+                given[k] = as_numpy(v)
+            except Exception as exc:                 # (anything that is not an array)
+                problems.append(f"{k}: not an array ({type(exc).__name__}: {exc})")
         missing = [k for k in targets if k not in given
                    and not k.rsplit(".", 1)[-1] in self._optional_state]
         unexpected = [k for k in given if k not in targets]
-        wrong = [f"{k}: expected {_shape_str(targets[k][3].shape)}, got {_shape_str(v.shape)}"
-                 for k, v in given.items() if k in targets and tuple(v.shape) != tuple(targets[k][3].shape)]
-        problems = []
         if strict and missing:
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected))
-        if wrong:
-            problems.append("wrong shapes: " + "; ".join(wrong))
+        converted = {}
+        for k, v in given.items():
+            if k not in targets:
+                continue
+            old = targets[k][3]
+            if tuple(v.shape) != tuple(old.shape):
+                problems.append(f"{k}: expected {_shape_str(old.shape)}, got {_shape_str(v.shape)}")
+            elif v.dtype.kind not in "biuf":
+                problems.append(f"{k}: expected numbers, got dtype {v.dtype}")
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    new = np.array(v, dtype=old.dtype, copy=True)
+                if old.dtype.kind in "iu" and not np.array_equal(new, v):
+                    problems.append(f"{k}: values do not fit {old.dtype}")
+                elif old.dtype.kind == "f" and (np.isfinite(v) & ~np.isfinite(new)).any():
+                    problems.append(f"{k}: values overflow {old.dtype} (largest {np.abs(v).max():.3g})")
+                else:
+                    converted[k] = new
         if problems:
             raise ValueError(f"cannot load state dict into {type(self).__name__}: "
                              + " | ".join(problems) + " (nothing was changed)")
         device = self.device
-        for k, v in given.items():
-            if k not in targets:
-                continue
-            m, kind, name, old = targets[k]
-            new = to_device(np.array(v, dtype=old.dtype, copy=True), device)
+        for k, new in converted.items():             # everything is checked and converted: now assign
+            m, kind, name, _ = targets[k]
+            new = to_device(new, device)
             if kind == "param":
                 m._parameters[name].data = new
                 m._parameters[name].grad = None
@@ -386,13 +408,19 @@ class Sequential(Module):
         layers = list(self._modules.values())
         plan = layers if Sequential.runner is None else Sequential.runner(self, x)
         object.__setattr__(self, "_last_plan", plan)
+        object.__setattr__(self, "_backward_pending", True)
         for layer in plan:
             x = layer(x)
         return x
 
     def backward(self, dout, input_grad=True):
         """Backward through the layers in reverse; ``input_grad=False`` skips dL/dx of the first."""
-        layers = self.__dict__.get("_last_plan") or list(self._modules.values())
+        layers = self.__dict__.get("_last_plan")
+        if layers is None or not self.__dict__.get("_backward_pending"):
+            raise RuntimeError("Sequential.backward() was called " + ("before forward()" if layers is None else
+                               "twice for one forward pass (the gradients would be added twice)")
+                               + ": run a forward pass first")
+        object.__setattr__(self, "_backward_pending", False)      # (one backward per forward)
         for layer in reversed(layers[1:]):
             dout = layer.backward(dout)
         if not layers:

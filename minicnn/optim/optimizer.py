@@ -1,4 +1,6 @@
 """The optimizer base: a list of parameters, per-parameter state, and save/load."""
+import math
+
 import numpy as np
 
 from ..backend import device_of, get_array_module, to_device, to_numpy
@@ -25,8 +27,8 @@ class Optimizer:
             if not isinstance(p, Parameter):
                 raise TypeError(f"optimizer expects Parameters (model.parameters()), got "
                                 f"{type(p).__name__} at position {i}")
-        if lr < 0:
-            raise ValueError(f"invalid learning rate {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"invalid learning rate {lr!r}: a finite number >= 0")
         self.lr = float(lr)
         self.state = [dict() for _ in self.params]
         self._on_device = {}          # dtype -> numbers the GPU update kernels read (_device_values)

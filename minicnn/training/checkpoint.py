@@ -21,7 +21,8 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "save_weights", "load_checkpoint", "atomic_write_bytes"]
+__all__ = ["CheckpointError", "save_checkpoint", "save_weights", "load_checkpoint", "atomic_write_bytes",
+           "repair_sidecar", "remove_stale_temporaries"]
 
 
 class CheckpointError(ValueError):
@@ -63,6 +64,42 @@ def save_checkpoint(path, model_state, optim_state=None, meta=None):
     atomic_write_bytes(os.path.splitext(path)[0] + ".json", text.encode())
 
 
+def repair_sidecar(path):
+    """Make ``<file>.json`` say what the checkpoint ``path`` holds (a kill between writing the two can
+    leave the JSON one save behind). Returns True when it had to be rewritten."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                return False
+            text = json.dumps(json.loads(bytes(z["meta"]).decode()), indent=1, sort_keys=True).encode()
+    except Exception:
+        return False
+    side = os.path.splitext(path)[0] + ".json"
+    try:
+        with open(side, "rb") as f:
+            if f.read() == text:
+                return False
+    except OSError:
+        pass
+    atomic_write_bytes(side, text)
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete the ``.tmp-*`` files an interrupted save leaves (call only while no save runs there)."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(".tmp-"):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def save_weights(path, model_state, card):
     """A weights file: the state dict alone (PyTorch's names, nothing else) and ``card`` as JSON beside it."""
     import io
@@ -85,6 +122,12 @@ def load_checkpoint(path):
     """Return (model_state, optim_state, meta); raises CheckpointError with the file's name."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint (a run's checkpoint is OUT/best.npz)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":            # every .npz is a zip archive; anything else is refused unread
+        raise CheckpointError(f"{path} is not a minicnn checkpoint or weights file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)

@@ -33,7 +33,8 @@ from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
 from ..nn import CrossEntropyLoss, no_grad
 from ..optim import SGD, Adam, AdamW
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_stale_temporaries,
+                         repair_sidecar, save_checkpoint)
 from .metrics import classification_report
 from .schedules import make_schedule
 
@@ -60,6 +61,37 @@ class Recipe:
     dropout: float = 0.5
     augment: dict = field(default_factory=lambda: dataclasses.asdict(Augment(erase=0.0)))
     seed: int = 0
+
+    def __post_init__(self):
+        """Every value checked before any work: a clear ValueError naming the setting."""
+        def number(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def whole(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        checks = [
+            ("epochs", whole(self.epochs) and self.epochs >= 1, "a whole number >= 1"),
+            ("batch_size", whole(self.batch_size) and self.batch_size >= 1, "a whole number >= 1"),
+            ("optimizer", self.optimizer in ("sgd", "adam", "adamw"), "sgd, adam or adamw"),
+            ("lr", number(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("momentum", number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", number(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("schedule", self.schedule in ("cosine", "step", "plateau", "constant"),
+             "cosine, step, plateau or constant"),
+            ("warmup_epochs", number(self.warmup_epochs) and self.warmup_epochs >= 0, "a finite number >= 0"),
+            ("label_smoothing", number(self.label_smoothing) and 0 <= self.label_smoothing <= 1, "in [0, 1]"),
+            ("clip_grad_norm", number(self.clip_grad_norm) and self.clip_grad_norm >= 0,
+             "a finite number >= 0 (0 turns clipping off)"),
+            ("dropout", number(self.dropout) and 0 <= self.dropout < 1, "in [0, 1)"),
+            ("seed", whole(self.seed) and self.seed >= 0, "a whole number >= 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"recipe: {name} must be {what}, got {getattr(self, name)!r}")
+        if self.augment is not None:
+            if not isinstance(self.augment, dict):
+                raise ValueError(f"recipe: augment must be a dict of Augment settings or None, got {self.augment!r}")
+            Augment(**self.augment)          # (its own checks)
 
     @classmethod
     def from_dict(cls, d):
@@ -137,15 +169,26 @@ def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="c
                 out.append(probs)
     finally:
         model.train(was_training)
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, getattr(model, "num_classes", 7)))
 
 
 def load_model(path, device="cpu"):
     """An EmotionClassifier and its metadata from a checkpoint or weights file (clear errors)."""
     state, _, meta = load_checkpoint(path)
-    if meta.get("model") != "EmotionClassifier":
-        raise CheckpointError(f"{path} holds a {meta.get('model', 'unknown')!r} model, not an EmotionClassifier")
-    model = EmotionClassifier(num_classes=int(meta.get("num_classes", 7)))
+    if not isinstance(meta, dict) or meta.get("model") != "EmotionClassifier":
+        what = meta.get("model", "unknown") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} holds a {what!r} model, not an EmotionClassifier")
+    # The number of classes comes from the weights' own shape, checked against the metadata, before
+    # anything is allocated (a file's metadata alone must not choose the size of an allocation).
+    head = state.get("classifier.4.weight")
+    if head is None or getattr(head, "ndim", 0) != 2 or head.shape[1] != 512 or not 1 <= head.shape[0] <= 100000:
+        raise CheckpointError(f"{path}: no valid classifier.4.weight of shape (classes, 512) "
+                              f"(got {getattr(head, 'shape', None)})")
+    num_classes = meta.get("num_classes", head.shape[0])
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes != head.shape[0]:
+        raise CheckpointError(f"{path}: its metadata says num_classes={num_classes!r} but classifier.4.weight has "
+                              f"shape {tuple(head.shape)}: {head.shape[0]} classes")
+    model = EmotionClassifier(num_classes=num_classes)
     try:
         model.load_state_dict(state)
     except ValueError as exc:
@@ -153,12 +196,63 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), meta
 
 
+class RunFolderError(CheckpointError):
+    """The output folder cannot be used for this run: another run holds it, or it is not a folder."""
+
+
+def data_fingerprint(data):
+    """A short hash of the training and validation images and labels: what --resume checks."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=12)
+    for split in ("train", "val"):
+        for a in data[split]:
+            a = np.ascontiguousarray(a)
+            h.update(str((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class _FolderLock:
+    """An exclusive lock on OUT/.minicnn.lock for the length of a run (fcntl.flock: released by the
+    operating system when the process ends, however it ends)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".minicnn.lock")
+        self.file = None
+
+    def __enter__(self):
+        import fcntl
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunFolderError(f"{os.path.dirname(self.path)} is in use by another minicnn run ({holder}); "
+                                 "wait for it, or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+RUN_FILES = ("last.npz", "last.json", "best.npz", "best.json", "log.jsonl")
+
+
 class Trainer:
     def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
-                 progress=True, log=None, cuda_graph=False):
+                 progress=True, log=None, cuda_graph=False, overwrite=False):
         """``cuda_graph``: on the GPU, replay each training step as a CUDA graph (see
         :mod:`minicnn.engines.gpu.graph`; SGD with momentum, Adam, AdamW); the results are those of
-        eager steps."""
+        eager steps. ``overwrite``: a new run may replace the run already in ``out_dir`` (else
+        :meth:`fit` refuses, and ``fit(resume=True)`` continues it)."""
         if cuda_graph and normalize_device(device) != "gpu":
             raise ValueError("cuda_graph=True needs device='gpu'")
         if cuda_graph:
@@ -167,7 +261,9 @@ class Trainer:
         self.recipe = recipe or Recipe()
         self.data, self.out_dir, self.device = data, out_dir, device
         self.cuda_graph = bool(cuda_graph)
+        self.overwrite = bool(overwrite)
         self.data_description = data_description
+        self.data_fingerprint = data_fingerprint(data)
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         r = self.recipe
@@ -219,11 +315,21 @@ class Trainer:
                     normalization={"mean": self.mean, "std": self.std, "input": "grayscale 48x48, x/255"},
                     data=self.data_description, epoch=self.epoch, batch=self.batch,
                     schedule=self.schedule.state_dict(), rng=self.model.rng_states(),
-                    history=self.history, best_val_acc=self.best_val_acc, partial=self._partial, **extra)
+                    history=self.history, best_val_acc=self.best_val_acc, partial=self._partial,
+                    data_fingerprint=self.data_fingerprint, **extra)
 
     def save(self, name):
+        """Save a checkpoint, after checking that every array in it is finite (a diverged run saves
+        nothing, so the last good checkpoint stays)."""
+        state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        bad = [k for k, v in list(state.items()) + [(f"optimizer {k}", v) for k, v in optim_state.items()]
+               if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(f"{len(bad)} arrays hold NaN or inf at epoch {self.epoch}, batch {self.batch} "
+                                   f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); nothing was saved, so "
+                                   f"the last good checkpoint in {self.out_dir} is intact. Try a lower --lr.")
         path = os.path.join(self.out_dir, name)
-        save_checkpoint(path, self.model.state_dict(), self.optimizer.state_dict(), self._meta())
+        save_checkpoint(path, state, optim_state, self._meta())
         return path
 
     def resume(self, path=None):
@@ -234,6 +340,10 @@ class Trainer:
         if meta.get("recipe") and Recipe.from_dict(meta["recipe"]) != self.recipe:
             raise CheckpointError(f"{path} was trained with recipe {meta['recipe']}, not "
                                   f"{dataclasses.asdict(self.recipe)}: resume with the same settings")
+        if meta.get("data_fingerprint") not in (None, self.data_fingerprint):
+            raise CheckpointError(f"{path} was trained on other data ({meta.get('data') or 'unknown'}; fingerprint "
+                                  f"{meta['data_fingerprint']}, this data's is {self.data_fingerprint}): resume with "
+                                  "the same --data, --val-fraction and --seed")
         try:
             self.model.load_state_dict(state)
             self.optimizer.load_state_dict(optim_state)
@@ -322,22 +432,46 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def fit(self, resume=False):
-        """Train to ``recipe.epochs``; returns the history (one dict per epoch)."""
-        os.makedirs(self.out_dir, exist_ok=True)
-        if resume:
-            self.resume()
-        log_path = os.path.join(self.out_dir, "log.jsonl")
-        if not resume:
-            open(log_path, "w").close()
-        self._stop_requested = False
-        handler = None
-        if threading.current_thread() is threading.main_thread():
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        """Train to ``recipe.epochs``; returns the history (one dict per epoch).
+
+        The run folder belongs to this run while it trains (a lock: a second run into it stops at
+        once). A new run refuses a folder that holds another run unless ``overwrite``; ``resume``
+        continues the run in it (same recipe and data, or a clear error). Each epoch saves best.npz
+        (when validation improved) before last.npz, then appends its log row, so a kill at any
+        instant leaves checkpoints that load; on the next start the JSON beside each checkpoint is
+        brought in line with it, the log is rewritten from the checkpoint's history, and stale
+        temporary files are removed."""
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise RunFolderError(f"--out {self.out_dir} is a file, not a folder")
         try:
-            return self._fit_epochs(log_path)
-        finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"cannot create the run folder {self.out_dir}: {exc.strerror or exc}") from None
+        with _FolderLock(self.out_dir):
+            remove_stale_temporaries(self.out_dir)
+            log_path = os.path.join(self.out_dir, "log.jsonl")
+            if resume:
+                for name in ("best.npz", "last.npz"):
+                    repair_sidecar(os.path.join(self.out_dir, name))
+                self.resume()
+                atomic_write_bytes(log_path, "".join(json.dumps(row) + "\n" for row in self.history).encode())
+            else:
+                held = [f for f in RUN_FILES if os.path.exists(os.path.join(self.out_dir, f))]
+                if held and not self.overwrite:
+                    raise RunFolderError(f"{self.out_dir} holds another run ({', '.join(held)}): continue it with "
+                                         "--resume, choose another --out, or replace it with --overwrite")
+                for f in held:
+                    os.remove(os.path.join(self.out_dir, f))
+                atomic_write_bytes(log_path, b"")
+            self._stop_requested = False
+            handler = None
+            if threading.current_thread() is threading.main_thread():
+                handler = signal.signal(signal.SIGINT, self._on_sigint)
+            try:
+                return self._fit_epochs(log_path)
+            finally:
+                if handler is not None:
+                    signal.signal(signal.SIGINT, handler)
 
     def _fit_epochs(self, log_path):
         while self.epoch < self.recipe.epochs:
@@ -353,20 +487,24 @@ class Trainer:
                 raise
             p = self._partial
             val_loss, val_acc = self._validate()
+            if not math.isfinite(val_loss):
+                raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {self.epoch + 1}; "
+                                       f"nothing was saved, so the last good checkpoint in {self.out_dir} is intact. "
+                                       "Try a lower --lr.")
             self.schedule.end_epoch(val_acc)
             row = dict(epoch=self.epoch + 1, train_loss=p["loss"] / max(p["seen"], 1),
                        train_acc=p["correct"] / max(p["seen"], 1), val_loss=val_loss, val_acc=val_acc,
                        lr=self.optimizer.lr, seconds=p["seconds"], images_per_s=p["seen"] / max(p["seconds"], 1e-9))
             self.history.append(row)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
             improved = val_acc > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_acc)
             self.epoch, self.batch = self.epoch + 1, 0
             self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            self.save("last.npz")
-            if improved:
+            if improved:                       # best first: last.npz, written next, already says it is best
                 self.save("best.npz")
+            self.save("last.npz")
+            with open(log_path, "a") as f:    # (rewritten from last.npz's history on --resume)
+                f.write(json.dumps(row) + "\n")
             self.log(f"epoch {row['epoch']}/{self.recipe.epochs}: train loss {row['train_loss']:.3f} "
                      f"acc {row['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f}"
                      f"{' (best)' if improved else ''} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
