@@ -1,8 +1,10 @@
 """The ``minicnn`` command.
 
     minicnn train [--data PATH] [--epochs N] [--out DIR] [--resume] ...   train the EmotionClassifier
+    minicnn finetune --data DIR [--freeze features] ...                    fine-tune to your own classes
     minicnn evaluate [--weights FILE] [--data PATH] [--tta]                 metrics and confusion matrix
-    minicnn predict IMAGE...                                                emotions in any face photo
+    minicnn predict IMAGE|DIR... [--json] [--annotate OUT]                  every face in photos, classified
+    minicnn video SOURCE --out OUT.mp4                                      faces in a video or camera, labelled
     minicnn summary                                                         layers, shapes, parameters
     minicnn gradcheck [--path textbook|cpu|gpu]                             the textbook and every engine, checked
     minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
@@ -38,13 +40,19 @@ def _cmd_train(args):
     from .extras import available
     from .training import Recipe, Trainer, format_report
     from .training.plots import plot_confusion, plot_curves, plot_samples
+    finetune = getattr(args, "finetune", False)
     builtin = (args.data or os.environ.get("MINICNN_DATA")) is None
     defaults = Recipe()
+    tuning = {}
+    if finetune:
+        tuning = dict(init=os.path.abspath(_weights_path(args.weights)), freeze=args.freeze,
+                      features_lr_scale=args.features_lr_scale)
     recipe = Recipe(                                      # (every value checked before any work)
-        epochs=args.epochs if args.epochs is not None else (4 if builtin else defaults.epochs),
+        epochs=args.epochs if args.epochs is not None else (15 if finetune else 4 if builtin else defaults.epochs),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
-        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed)
+        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed,
+        **tuning)
     pictures = available("matplotlib")
     if not pictures:
         print("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
@@ -66,16 +74,17 @@ def _cmd_train(args):
     report = trainer.evaluate("test", tta=args.tta)
     probs = report.pop("probs")
     print(f"\ntest split ({'with' if args.tta else 'no'} test-time augmentation), best-by-validation weights:")
-    print(format_report(report, EMOTIONS))
+    classes = trainer.classes
+    print(format_report(report, classes))
     with open(os.path.join(args.out, "test_report.json"), "w") as f:
         json.dump(dict(report, tta=args.tta, train_minutes=minutes), f, indent=1)
     written = "best.npz, last.npz, log.jsonl"
     if pictures:
         plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
-        plot_confusion(report["confusion_matrix"], EMOTIONS, os.path.join(args.out, "confusion.png"),
+        plot_confusion(report["confusion_matrix"], classes, os.path.join(args.out, "confusion.png"),
                        title=f"test accuracy {report['accuracy']:.1%}")
         x, y = data["test"]
-        plot_samples(x, y, probs, EMOTIONS, os.path.join(args.out, "samples.png"))
+        plot_samples(x, y, probs, classes, os.path.join(args.out, "samples.png"))
         written += ", curves.png, confusion.png, samples.png"
     print(f"\ntest accuracy {report['accuracy']:.2%} after {trainer.epoch} epochs, {minutes:.1f} minutes; "
           f"wrote {args.out}/{written}", file=sys.stderr)
@@ -90,19 +99,24 @@ def _weights_path(arg):
 
 
 def _cmd_evaluate(args):
-    from .data import EMOTIONS, load_dataset
+    from .data import EMOTIONS, DatasetError, load_dataset
     from .training import classification_report, format_report, load_model, predict_proba
     from .training.plots import plot_confusion
     path = _weights_path(args.weights)
     model, meta = load_model(path, args.device)
-    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    classes = tuple(meta.get("classes") or EMOTIONS)
+    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed,
+                              classes=None if classes == EMOTIONS else classes)
+    if tuple(c.lower() for c in data["classes"]) != tuple(c.lower() for c in classes):
+        raise DatasetError(f"the data's classes ({', '.join(data['classes'])}) are not the model's "
+                           f"({', '.join(classes)})")
     x, y = data[args.split]
     norm = meta["normalization"]
     probs = predict_proba(model, x, norm["mean"], norm["std"], tta=args.tta, device=args.device)
-    report = classification_report(y, probs.argmax(1), EMOTIONS)
+    report = classification_report(y, probs.argmax(1), classes)
     print(f"weights: {path}\ndata: {desc}, split '{args.split}' ({len(y)} images), "
           f"test-time augmentation {'on' if args.tta else 'off'}\n")
-    print(format_report(report, EMOTIONS))
+    print(format_report(report, classes))
     if args.out:
         from .extras import available
         os.makedirs(args.out, exist_ok=True)
@@ -111,7 +125,7 @@ def _cmd_evaluate(args):
             json.dump(report, f, indent=1)
         if available("matplotlib"):
             written.append(os.path.join(args.out, f"confusion_{args.split}.png"))
-            plot_confusion(report["confusion_matrix"], EMOTIONS, written[-1],
+            plot_confusion(report["confusion_matrix"], classes, written[-1],
                            title=f"{args.split} accuracy {report['accuracy']:.1%}")
         else:
             print("minicnn: no confusion-matrix picture without matplotlib: pip install 'minicnn[plots]'",
@@ -121,26 +135,62 @@ def _cmd_evaluate(args):
 
 
 def _cmd_predict(args):
-    """Each image in turn: a file that cannot be read is reported and skipped, the others are still
-    predicted, and the exit code is 1 when any failed."""
+    """Every face in each image (a folder: every image under it), classified. A file that cannot be
+    read is reported and skipped, the others are still done, and the exit code is 1 when any failed."""
     from .data import DatasetError
-    from .inference import load_face, EmotionPredictor
-    predictor = EmotionPredictor(_weights_path(args.weights), device=args.device)
-    failed = 0
-    for path in args.images:
+    from .faces import FaceReader, draw_faces, iter_images
+    reader = FaceReader(_weights_path(args.weights), device=args.device)
+    if args.annotate:
+        os.makedirs(args.annotate, exist_ok=True)
+    failed = total = 0
+    for path in iter_images(args.images):
+        total += 1
         try:
-            probs = predictor.predict(load_face(path))[0]
+            if args.whole:
+                from .data.images import decode_gray
+                gray = decode_gray(path)
+                h, w = gray.shape
+                side = min(h, w)
+                from .faces import Face
+                box = ((w - side) // 2, (h - side) // 2, side, side)
+                p = reader.classify(gray, [box])[0]
+                faces = [Face(box, reader.classes[int(p.argmax())], dict(zip(reader.classes, map(float, p))))]
+            else:
+                gray, faces = reader.read_image(path)
         except (DatasetError, OSError) as exc:
             failed += 1
             print(f"minicnn: error: {exc}", file=sys.stderr)
             continue
-        order = np.argsort(-probs)
-        print(f"{path}: {predictor.classes[order[0]]}")
-        for i in order:
-            print(f"  {predictor.classes[i]:<9}{probs[i]:7.1%}")
+        if args.json:
+            print(json.dumps({"image": path, "faces": [f.as_dict() for f in faces]}), flush=True)
+        else:
+            print(f"{path}: " + (f"{len(faces)} face{'s' if len(faces) != 1 else ''}" if faces else "no face found"))
+            for i, face in enumerate(faces):
+                order = sorted(face.probabilities, key=lambda k: -face.probabilities[k])
+                print(f"  face {i + 1} at {list(face.box)}: {face.label}")
+                for name in order:
+                    print(f"    {name:<9}{face.probabilities[name]:7.1%}")
+        if args.annotate:
+            from PIL import Image
+            from .data.images import decode_rgb
+            rgb = decode_rgb(path)
+            name = os.path.splitext(os.path.basename(path))[0] + "_faces.png"
+            Image.fromarray(draw_faces(rgb, faces)).save(os.path.join(args.annotate, name))
+    if total == 0:
+        print("minicnn: error: no images found in " + ", ".join(args.images), file=sys.stderr)
+        return 2
     if failed:
-        print(f"minicnn: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
+        print(f"minicnn: {failed} of {total} images could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _cmd_video(args):
+    from .faces import FaceReader, label_video
+    reader = FaceReader(_weights_path(args.weights), device=args.device)
+    label_video(args.source, args.out, reader=reader, show=args.show, smooth=args.smooth,
+                log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _cmd_gradcheck(args):
@@ -205,15 +255,28 @@ def _cmd_visualize(args):
 
 
 def _cmd_export(args):
-    from .training.export import export_weights
-    card = export_weights(args.checkpoint, args.out, report=args.report,
-                          extra={"machine": args.machine} if args.machine else None)
-    acc = card.get("test", {}).get("accuracy")
-    print(f"wrote {args.out}.npz and {args.out}.json" + (f" (test accuracy {acc:.2%})" if acc else ""))
+    if not args.out and not args.onnx:
+        print("minicnn: error: say what to write: --out BASE (weights and card) and/or --onnx FILE", file=sys.stderr)
+        return 2
+    checkpoint = _weights_path(args.checkpoint)
+    if args.onnx:
+        from .onnx_export import export_onnx
+        info = export_onnx(checkpoint, args.onnx)
+        print(f"wrote {args.onnx}: ONNX opset 17, input 'input' float32 (N, 1, 48, 48), output 'logits' "
+              f"(N, {len(info['classes'])}); classes and normalisation in its metadata")
+    if args.out:
+        from .training.export import export_weights
+        card = export_weights(checkpoint, args.out, report=args.report,
+                              extra={"machine": args.machine} if args.machine else None)
+        acc = card.get("test", {}).get("accuracy")
+        print(f"wrote {args.out}.npz and {args.out}.json" + (f" (test accuracy {acc:.2%})" if acc else ""))
     return 0
 
 
 def _cmd_bench(args):
+    if "--video" in args.bench_args:
+        from .benchmarks.video import main as video_main
+        return video_main([a for a in args.bench_args if a != "--video"])
     from .benchmarks.run import main as bench_main
     return bench_main(args.bench_args)
 
@@ -247,30 +310,45 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"minicnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train the EmotionClassifier (built-in faces or FER2013)")
-    _add_common(p)
-    p.add_argument("--epochs", type=int, default=None, help="default: 50 on FER2013, 4 on the built-in faces")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
-                   help="sgd is Nesterov momentum 0.9")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "plateau", "constant"])
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 turns clipping off")
-    p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
-    p.add_argument("--erase", type=float, default=0.0, help="probability of random erasing (default 0: off)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of Training held out for validation when the source has no PublicTest split")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/emotion", help="folder for checkpoints, log and plots")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz (same recipe and data)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (default: refuse)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="with --device gpu: replay each training step as a CUDA graph (same results, less overhead)")
-    p.set_defaults(func=_cmd_train)
+    for name in ("train", "finetune"):
+        if name == "train":
+            p = sub.add_parser("train", help="train the EmotionClassifier (built-in faces or FER2013)")
+            _add_common(p)
+        else:
+            p = sub.add_parser("finetune", help="fine-tune the FER2013 features to your own classes "
+                                                "(--data DIR with train/<class>/ and test/<class>/)")
+            p.add_argument("--data", required=True, help="folder with train/<class>/*.jpg and test/<class>/*.jpg")
+            p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+            p.add_argument("--weights", default=None, help="start from these weights (default: the shipped ones)")
+            p.add_argument("--freeze", default="none", choices=["none", "features"],
+                           help="features: train the classifier only (fast on a CPU)")
+            p.add_argument("--features-lr-scale", type=float, default=0.1,
+                           help="without --freeze: the features' rate as a fraction of --lr (default 0.1)")
+        p.add_argument("--epochs", type=int, default=None,
+                       help="default: 50 on FER2013, 4 on the built-in faces; finetune: 15")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=0.02 if name == "train" else 0.01)
+        p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                       help="sgd is Nesterov momentum 0.9")
+        p.add_argument("--weight-decay", type=float, default=5e-4)
+        p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "plateau", "constant"])
+        p.add_argument("--label-smoothing", type=float, default=0.1)
+        p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 turns clipping off")
+        p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
+        p.add_argument("--erase", type=float, default=0.0, help="probability of random erasing (default 0: off)")
+        p.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of Training held out for validation when the source has no PublicTest split")
+        p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default="runs/emotion" if name == "train" else "runs/finetune",
+                       help="folder for checkpoints, log and plots")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/last.npz (same recipe and data)")
+        p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (default: refuse)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="with --device gpu: replay each training step as a CUDA graph (same results, less overhead)")
+        p.set_defaults(func=_cmd_train, finetune=name == "finetune")
+
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix")
     _add_common(p)
@@ -282,11 +360,25 @@ def build_parser():
     p.add_argument("--out", default=None, help="folder for the confusion-matrix PNG and JSON report")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict", help="the emotion in face images (any size or colour)")
+    p = sub.add_parser("predict", help="find the faces in photos (files or folders) and classify each")
     _add_common(p, data=False)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders (walked)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    p.add_argument("--annotate", default=None, metavar="OUT_DIR", help="write each image with its faces drawn")
+    p.add_argument("--whole", action="store_true",
+                   help="classify each image's central square as one face (no face detection)")
     p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("video", help="faces in a video file or a camera, boxed and labelled, to an .mp4")
+    _add_common(p, data=False)
+    p.add_argument("source", help="a video file, or a camera index (0 is the first camera)")
+    p.add_argument("--out", required=True, help="the .mp4 to write (same size and frame rate)")
+    p.add_argument("--show", action="store_true", help="show the labelled frames live (q quits)")
+    p.add_argument("--smooth", type=float, default=0.4,
+                   help="weight of each new frame in a face's moving average (1: no smoothing)")
+    p.add_argument("--weights", default=None, help="default: the shipped FER2013 weights")
+    p.set_defaults(func=_cmd_video)
 
     p = sub.add_parser("gradcheck", help="the textbook layers against finite differences, every engine "
                                           "against the textbook layers")
@@ -313,9 +405,11 @@ def build_parser():
     p.add_argument("--out", default="filters_and_maps.png")
     p.set_defaults(func=_cmd_visualize)
 
-    p = sub.add_parser("export", help="make shippable float32 weights and a JSON card from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="path without extension (writes OUT.npz and OUT.json)")
+    p = sub.add_parser("export", help="shippable weights and card from a checkpoint, or an ONNX graph")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint or weights .npz (default: the shipped FER2013 weights)")
+    p.add_argument("--out", default=None, help="path without extension (writes OUT.npz and OUT.json)")
+    p.add_argument("--onnx", default=None, help="write the model as ONNX to this file (the [onnx] extra)")
     p.add_argument("--report", default=None, help="test_report.json of the run, for the card")
     p.add_argument("--machine", default=None, help="where it was trained, for the card")
     p.set_defaults(func=_cmd_export)

@@ -2,6 +2,8 @@
 
     pip install minicnn              # the core: NumPy, numba, Pillow, tqdm, threadpoolctl
     pip install 'minicnn[plots]'     # pictures: explain, visualize, training curves (matplotlib)
+    pip install 'minicnn[onnx]'      # ONNX export (onnx) and running it (onnxruntime)
+    pip install 'minicnn[apps]'      # faces in photos and video (OpenCV 4, whose wheels ship face detectors)
     pip install 'minicnn[gpu]'       # CuPy for CUDA 12 (or pip install cupy-cuda13x for CUDA 13)
     pip install 'minicnn[all]'       # every extra that needs no particular hardware
 """
@@ -11,7 +13,8 @@ import importlib.util
 __all__ = ["MissingExtra", "require", "available", "EXTRAS"]
 
 # module -> (extra, what it is for)
-EXTRAS = {"matplotlib": ("plots", "pictures"), "cupy": ("gpu", "the GPU")}
+EXTRAS = {"matplotlib": ("plots", "pictures"), "cupy": ("gpu", "the GPU"), "onnx": ("onnx", "ONNX export"),
+          "onnxruntime": ("onnx", "running ONNX models"), "cv2": ("apps", "face detection and video")}
 
 
 def available(module):
@@ -31,4 +34,5 @@ def require(module, feature):
     except ImportError:
         extra, _ = EXTRAS.get(module.split(".")[0], (None, None))
         how = f"pip install 'minicnn[{extra}]'" if extra else f"pip install {module}"
-        raise MissingExtra(f"{feature} need {module.split('.')[0]}, which is not installed: {how}") from None
+        pkg = {"cv2": "opencv-python-headless"}.get(module.split(".")[0], module.split(".")[0])
+        raise MissingExtra(f"{feature} needs {pkg}, which is not installed: {how}") from None

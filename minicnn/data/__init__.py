@@ -1,6 +1,6 @@
 """Data: FER2013 (folder or CSV), the built-in faces, augmentation and batching."""
 from .augment import Augment
-from .fer2013 import EMOTIONS, DatasetError, cache_dir, load_fer2013
+from .fer2013 import EMOTIONS, DatasetError, cache_dir, folder_classes, load_fer2013
 from .loader import BatchLoader, normalize
 from .synthetic import make_faces, synthetic_splits
 
@@ -8,13 +8,14 @@ __all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir", "make_faces"
            "Augment", "BatchLoader", "normalize", "load_dataset"]
 
 
-def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
+def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=None):
     """Splits {'train', 'val', 'test'} of uint8 images and labels, and a description.
 
     ``path``: a FER2013 folder or CSV; None means ``$MINICNN_DATA`` if set, else
     the built-in faces. Validation (for model selection) is PublicTest when the
     source has three splits (the CSV); otherwise a stratified, seeded
-    ``val_fraction`` of training. Test is never used for selection.
+    ``val_fraction`` of training. Test is never used for selection. ``data['classes']`` names the
+    labels (FER2013's emotions, or a folder's own classes; ``classes`` fixes their order).
     """
     import math
     import os
@@ -25,13 +26,15 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
     if path is None:
         path = os.environ.get("MINICNN_DATA") or None
     if path is None:
-        return synthetic_splits(seed=seed), "built-in synthetic faces (a stand-in, not FER2013)"
-    data = load_fer2013(path, progress=progress)
+        return (dict(synthetic_splits(seed=seed), classes=EMOTIONS),
+                "built-in synthetic faces (a stand-in, not FER2013)")
+    data = load_fer2013(path, progress=progress, classes=classes)
+    n_classes = len(data["classes"])
     if "val" not in data:
         x, y = data["train"]
         rng = np.random.default_rng(seed)
         val_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:int(round(val_fraction * (y == c).sum()))]
-                                  for c in range(len(EMOTIONS))])
+                                  for c in range(n_classes)])
         mask = np.zeros(len(y), dtype=bool)
         mask[val_idx.astype(np.int64)] = True
         if not mask.any() or mask.all():
@@ -40,7 +43,9 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True):
         data["val"] = (x[mask], y[mask])
         data["train"] = (x[~mask], y[~mask])
         desc = (f"FER2013 from {path} (validation: a stratified {val_fraction:.0%} of Training; "
-                f"test: PublicTest)")
+                f"test: PublicTest)" if data["classes"] == EMOTIONS else
+                f"{', '.join(data['classes'])} from {path} (validation: a stratified {val_fraction:.0%} of "
+                f"train/; test: test/)")
     else:
         desc = f"FER2013 from {path} (validation: PublicTest; test: PrivateTest)"
     if "test" not in data:

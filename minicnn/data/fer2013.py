@@ -25,7 +25,7 @@ import numpy as np
 from .errors import DatasetError
 from .images import decode_face, image_extensions
 
-__all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir"]
+__all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "folder_classes", "cache_dir"]
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 _CACHE_VERSION = 2          # 2: keyed by content; images decoded by minicnn/data/images.py
@@ -43,26 +43,44 @@ def cache_dir():
 
 # --- the folder layout ------------------------------------------------------------------
 
-def _folder_files(root):
+def folder_classes(root):
+    """The class names of a ``train/<class>/`` layout: FER2013's seven emotions in FER2013's order when
+    those are the folders, else the folder names sorted (any labels, for fine-tuning)."""
+    d = os.path.join(root, "train")
+    if not os.path.isdir(d):
+        raise DatasetError(f"{root}: missing the 'train/' folder (expected train/<class>/*.jpg and "
+                           "test/<class>/*.jpg)")
+    found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
+    if not found:
+        raise DatasetError(f"{d}: no class folders (expected train/<class>/*.jpg)")
+    if {f.lower() for f in found} == set(EMOTIONS):
+        return EMOTIONS
+    if len(found) < 2:
+        raise DatasetError(f"{d}: one class folder ({found[0]}): a classifier needs at least two")
+    return tuple(found)
+
+
+def _folder_files(root, classes=EMOTIONS):
     """{split: [(path, label)]} for train/ and test/, after checking the layout."""
     splits = {}
+    lower = [c.lower() for c in classes]
     for split in ("train", "test"):
         d = os.path.join(root, split)
         if not os.path.isdir(d):
-            raise DatasetError(f"{root}: missing the '{split}/' folder (expected train/<emotion>/*.jpg and "
-                               f"test/<emotion>/*.jpg with emotions {', '.join(EMOTIONS)})")
+            raise DatasetError(f"{root}: missing the '{split}/' folder (expected train/<class>/*.jpg and "
+                               f"test/<class>/*.jpg with classes {', '.join(classes)})")
         found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
-        unknown = [e for e in found if e.lower() not in EMOTIONS]
+        unknown = [e for e in found if e.lower() not in lower]
         if unknown:
-            raise DatasetError(f"{d}: unknown emotion folder(s) {', '.join(unknown)}; expected "
-                               f"{', '.join(EMOTIONS)}")
-        missing = [e for e in EMOTIONS if e not in {f.lower() for f in found}]
+            raise DatasetError(f"{d}: unknown class folder(s) {', '.join(unknown)}; expected "
+                               f"{', '.join(classes)} (the classes of train/)")
+        missing = [c for c in classes if c.lower() not in {f.lower() for f in found}]
         if missing:
-            raise DatasetError(f"{d}: missing emotion folder(s) {', '.join(missing)}")
+            raise DatasetError(f"{d}: missing class folder(s) {', '.join(missing)}")
         files, skipped, empty = [], [], []
         extensions = image_extensions()
         for e in found:
-            label = EMOTIONS.index(e.lower())
+            label = lower.index(e.lower())
             entries = sorted(n for n in os.listdir(os.path.join(d, e)) if not n.startswith("."))  # (._*, .DS_Store)
             names = [n for n in entries if n.lower().endswith(extensions)
                      and os.path.isfile(os.path.join(d, e, n))]
@@ -77,7 +95,7 @@ def _folder_files(root):
             print(f"minicnn: {d}: no images in {', '.join(empty)}: the model will never see "
                   f"{'that class' if len(empty) == 1 else 'those classes'} in {split}", file=sys.stderr)
         if not files:
-            raise DatasetError(f"{d}: no images found (expected {split}/<emotion>/*.jpg)")
+            raise DatasetError(f"{d}: no images found (expected {split}/<class>/*.jpg)")
         splits[split] = files
     return splits
 
@@ -206,24 +224,30 @@ def _read_csv_rows(path, data, usage_to_split):
 
 # --- the public loader ---------------------------------------------------------------------
 
-def load_fer2013(path, use_cache=True, progress=True):
-    """Load FER2013 from a folder or a CSV: {'train': (images, labels), 'test': ..., ['val': ...]}.
+def load_fer2013(path, use_cache=True, progress=True, classes=None):
+    """Load FER2013 from a folder or a CSV: {'train': (images, labels), 'test': ..., ['val': ...],
+    'classes': names}.
 
-    ``images`` are uint8 of shape (N, 48, 48); labels int64 in FER2013's class
-    order. The folder layout gives 'train' and 'test' (PublicTest); the CSV gives
-    'train', 'val' (PublicTest) and 'test' (PrivateTest) when it has them.
+    ``images`` are uint8 of shape (N, 48, 48); labels int64 in the order of ``classes``. The folder
+    layout gives 'train' and 'test' (PublicTest); the CSV gives 'train', 'val' (PublicTest) and
+    'test' (PrivateTest) when it has them. A folder of other classes (``train/<class>/``, any names:
+    fine-tuning) loads the same way; ``classes`` fixes their order (default: :func:`folder_classes`).
     """
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise DatasetError(f"no dataset at {path}: give the FER2013 folder (with train/ and test/) "
                            "or Kaggle's fer2013.csv")
     if os.path.isdir(path):
-        splits = _folder_files(path)
+        classes = tuple(classes) if classes is not None else folder_classes(path)
+        splits = _folder_files(path, classes)
         fingerprint = _folder_fingerprint(path, splits)
         def read():
             return _read_folder(splits, progress)
     else:
         _read_csv_check_kind(path)
+        if classes is not None and tuple(c.lower() for c in classes) != EMOTIONS:
+            raise DatasetError(f"{path}: a FER2013 CSV holds the seven emotions, not {', '.join(classes)}")
+        classes = EMOTIONS
         fingerprint = _file_fingerprint(path)
         def read():
             return _read_csv(path, progress)
@@ -235,7 +259,7 @@ def load_fer2013(path, use_cache=True, progress=True):
                           for s in ("train", "val", "test") if f"{s}_images" in z}
             if "train" in cached and all(im.ndim == 3 and im.shape[1:] == (48, 48) and len(im) == len(lab)
                                          for im, lab in cached.values()):
-                return cached
+                return dict(cached, classes=tuple(classes))
         except Exception:              # (a damaged file: zip, npy or truncation errors of any kind)
             pass
         print(f"minicnn: the dataset cache {cache_file} is damaged: decoding again", file=sys.stderr)
@@ -252,4 +276,4 @@ def load_fer2013(path, use_cache=True, progress=True):
             os.replace(tmp, cache_file)
         except OSError as exc:
             print(f"minicnn: could not write the dataset cache {cache_file}: {exc}", file=sys.stderr)
-    return data
+    return dict(data, classes=tuple(classes))

@@ -17,7 +17,8 @@ import numpy as np
 
 from .errors import DatasetError
 
-__all__ = ["ImageError", "decode_face", "face_from_image", "MAX_PIXELS", "image_extensions"]
+__all__ = ["ImageError", "decode_face", "decode_gray", "decode_rgb", "face_from_image", "crop_face", "MAX_PIXELS",
+           "image_extensions"]
 
 MAX_PIXELS = 64_000_000      # 64 megapixels: a 8000x8000 photo; more is refused, not decoded
 
@@ -54,14 +55,35 @@ def _to_gray(im):
     return np.asarray(im.convert("L"), dtype=np.float64)
 
 
-def face_from_image(im, name="image"):
-    """A Pillow image (any size or mode) -> uint8 (48, 48): upright, grayscale, central square, 48x48."""
-    from PIL import Image, ImageOps
+def gray_from_image(im):
+    """A Pillow image (any size or mode) -> uint8 (H, W): upright (EXIF), grayscale (steps 2-3)."""
+    from PIL import ImageOps
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:                     # a broken EXIF block: keep the image as stored
         pass
-    gray = np.clip(np.rint(_to_gray(im)), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(_to_gray(im)), 0, 255).astype(np.uint8)
+
+
+def crop_face(gray, box, margin=0.0):
+    """The face in ``box`` = (x, y, w, h) of a uint8 (H, W) image, its square grown by ``margin`` of
+    its side on each side (clipped to the image), resized to uint8 (48, 48)."""
+    from PIL import Image
+    x, y, w, h = (int(v) for v in box)
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + w / 2, y + h / 2
+    left, top = int(round(max(0, cx - side / 2))), int(round(max(0, cy - side / 2)))
+    right, bottom = int(round(min(gray.shape[1], cx + side / 2))), int(round(min(gray.shape[0], cy + side / 2)))
+    if right - left < 1 or bottom - top < 1:
+        raise ImageError(f"face box {box} is outside the image ({gray.shape[1]}x{gray.shape[0]})")
+    square = Image.fromarray(np.ascontiguousarray(gray[top:bottom, left:right]))
+    return np.asarray(square.resize((48, 48), Image.LANCZOS), dtype=np.uint8)
+
+
+def face_from_image(im, name="image"):
+    """A Pillow image (any size or mode) -> uint8 (48, 48): upright, grayscale, central square, 48x48."""
+    from PIL import Image
+    gray = gray_from_image(im)
     h, w = gray.shape
     side = min(h, w)
     if side < 1:
@@ -73,8 +95,29 @@ def face_from_image(im, name="image"):
     return np.asarray(square, dtype=np.uint8)
 
 
+def decode_gray(path):
+    """Read an image file as uint8 (H, W): upright, grayscale, full size (for finding faces in it)."""
+    return _decode(path, gray_from_image)
+
+
+def decode_rgb(path):
+    """Read an image file as uint8 (H, W, 3) RGB, upright (for drawing on)."""
+    def rgb(im):
+        from PIL import ImageOps
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:
+            pass
+        return np.asarray(im.convert("RGB"))
+    return _decode(path, rgb)
+
+
 def decode_face(path):
     """Read an image file and prepare it as :func:`face_from_image` does; a clear error names the file."""
+    return _decode(path, lambda im: face_from_image(im, name=str(path)))
+
+
+def _decode(path, convert):
     from PIL import Image, UnidentifiedImageError
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2         # (Pillow refuses past twice this: our MAX_PIXELS)
@@ -87,7 +130,7 @@ def decode_face(path):
                     raise ImageError(f"{path}: {im.width}x{im.height} pixels is more than minicnn decodes "
                                      f"({MAX_PIXELS:,}); a decompression bomb, or a photo to scale down first")
                 im.load()
-                return face_from_image(im, name=str(path))
+                return convert(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"no image at {path}") from None
     except IsADirectoryError:

@@ -14,7 +14,7 @@ below, so state dicts trade both ways (``{k: v.numpy()}`` one way,
 import numpy as np
 
 from ..backend import to_device
-from ..nn import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
+from ..nn import BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential, no_grad
 from ..nn.module import check_input
 
 __all__ = ["EmotionClassifier", "EMOTIONS", "leaf_layers", "summary"]
@@ -37,14 +37,57 @@ class EmotionClassifier(Module):
         self.features = Sequential(*_block(1, 32), *_block(32, 64), *_block(64, 128), *_block(128, 256))
         self.classifier = Sequential(Flatten(), Linear(256 * 3 * 3, 512), ReLU(), Dropout(dropout),
                                      Linear(512, self.num_classes))
+        # Fine-tuning with frozen features: they run in eval mode and keep nothing for backward (the
+        # engines' inference route), and backward stops at the classifier.
+        object.__setattr__(self, "features_frozen", False)
+
+    def freeze_features(self, frozen=True):
+        """Train the classifier only: the features keep their weights and BatchNorm statistics."""
+        object.__setattr__(self, "features_frozen", bool(frozen))
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.features_frozen:
+            self.features.train(False)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, num_classes=7, weights=None, dropout=0.5):
+        """An EmotionClassifier starting from trained weights (default: the shipped FER2013 ones). With
+        another number of classes the features are loaded and the head (classifier.4) starts anew, as
+        for fine-tuning to other labels; ``model.load_report`` says what was not loaded."""
+        from ..training.checkpoint import CheckpointError, load_checkpoint
+        if weights is None:
+            from ..weights import default_weights_path
+            weights = default_weights_path()
+        state, _, _ = load_checkpoint(weights)
+        model = cls(num_classes=num_classes, dropout=dropout)
+        try:
+            report = model.load_state_dict(state, strict=False)
+        except ValueError as exc:
+            raise CheckpointError(f"{weights}: {exc}") from None
+        not_head = [k for k in report.mismatched_keys if not k.startswith("classifier.4.")]
+        if not_head or report.missing_keys:
+            raise CheckpointError(f"{weights} does not hold this network's features: "
+                                  + "; ".join(not_head + report.missing_keys))
+        model.load_report = report
+        return model
 
     def forward(self, x):
         check_input(self, x, ("N",) + self.input_shape, self.dtype)
+        if self.features_frozen:
+            with no_grad():
+                h = self.features(x)
+            return self.classifier(h)
         return self.classifier(self.features(x))
 
     def backward(self, dlogits, input_grad=True):
         """Fill every parameter's gradient; return dL/dx (skipped, None, if ``input_grad`` is False)."""
-        return self.features.backward(self.classifier.backward(dlogits), input_grad=input_grad)
+        d = self.classifier.backward(dlogits)
+        if self.features_frozen:
+            return None
+        return self.features.backward(d, input_grad=input_grad)
 
     def summary(self, batch_size=None, file=None):
         """Print (and return) a table of each layer's output shape and parameter count."""

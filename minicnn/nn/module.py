@@ -12,7 +12,7 @@ Gradients accumulate (``grad += ...``) like PyTorch's, so call ``zero_grad()``
 """
 import contextlib
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
@@ -105,6 +105,10 @@ def check_input(module, x, expected, dtype=None):
     if dtype is not None and x.dtype != dtype:
         raise ValueError(f"{name} has {dtype} parameters but got a {x.dtype} input; "
                          f"convert the input or call model.to(dtype={str(x.dtype)!r})")
+
+
+class LoadReport(namedtuple("LoadReport", ["missing_keys", "unexpected_keys", "mismatched_keys"])):
+    """What ``load_state_dict(strict=False)`` did not load (all empty for a strict load)."""
 
 
 class Module:
@@ -293,8 +297,12 @@ class Module:
         Everything is checked and converted before anything changes: missing,
         unexpected and mis-shaped entries, values that are not numbers (object
         arrays, None) and values that overflow the model's dtype are all named in
-        one ValueError, and the model is left as it was. With ``strict=False``
-        missing and unexpected keys are ignored (shapes must still match).
+        one ValueError, and the model is left as it was.
+
+        With ``strict=False`` (fine-tuning: a new head for other classes) missing
+        and unexpected keys, and entries whose shape differs from the model's,
+        are skipped instead; the rest is loaded. Returns what was not loaded:
+        ``LoadReport(missing_keys, unexpected_keys, mismatched_keys)``.
         """
         targets = {}
         for mname, m in self.named_modules():
@@ -321,13 +329,16 @@ class Module:
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected))
-        converted = {}
+        converted, mismatched = {}, []
         for k, v in given.items():
             if k not in targets:
                 continue
             old = targets[k][3]
             if tuple(v.shape) != tuple(old.shape):
-                problems.append(f"{k}: expected {_shape_str(old.shape)}, got {_shape_str(v.shape)}")
+                if strict:
+                    problems.append(f"{k}: expected {_shape_str(old.shape)}, got {_shape_str(v.shape)}")
+                else:
+                    mismatched.append(f"{k}: model {_shape_str(old.shape)}, given {_shape_str(v.shape)}")
             elif v.dtype.kind not in "biuf":
                 problems.append(f"{k}: expected numbers, got dtype {v.dtype}")
             else:
@@ -351,6 +362,7 @@ class Module:
                 m._parameters[name].grad = None
             else:
                 m._buffers[name] = new
+        return LoadReport(missing if not strict else [], unexpected if not strict else [], mismatched)
 
     # --- random state (dropout masks) ---------------------------------------------
     def rng_states(self):

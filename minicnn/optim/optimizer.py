@@ -30,6 +30,7 @@ class Optimizer:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"invalid learning rate {lr!r}: a finite number >= 0")
         self.lr = float(lr)
+        self.lr_scales = [1.0] * len(self.params)     # per parameter: its rate is lr * scale (fine-tuning)
         self.state = [dict() for _ in self.params]
         self._on_device = {}          # dtype -> numbers the GPU update kernels read (_device_values)
 
@@ -37,13 +38,28 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
+    def set_lr_scale(self, params, scale):
+        """Train ``params`` (a subset of this optimizer's) at ``scale`` times the learning rate, e.g. the
+        pretrained features at 0.1 while a new head learns at the full rate."""
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"a learning-rate scale must be a finite number >= 0, got {scale!r}")
+        ids = {id(p) for p in params}
+        for i, p in enumerate(self.params):
+            if id(p) in ids:
+                self.lr_scales[i] = float(scale)
+
     def step(self):
-        for p, state in zip(self.params, self.state):
-            if p.grad is None:
-                continue
-            if p.grad.shape != p.data.shape:
-                raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape {p.data.shape}")
-            self._update(p, state)
+        base = self.lr
+        try:
+            for p, state, scale in zip(self.params, self.state, self.lr_scales):
+                if p.grad is None:
+                    continue
+                if p.grad.shape != p.data.shape:
+                    raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape {p.data.shape}")
+                self.lr = base * scale
+                self._update(p, state)
+        finally:
+            self.lr = base
 
     def _update(self, p, state):
         raise NotImplementedError

@@ -61,6 +61,11 @@ class Recipe:
     dropout: float = 0.5
     augment: dict = field(default_factory=lambda: dataclasses.asdict(Augment(erase=0.0)))
     seed: int = 0
+    # Fine-tuning: start from these weights (a checkpoint or weights file; None: from scratch), train
+    # the features at this fraction of the rate, or freeze them ("features": the classifier only).
+    init: str = None
+    features_lr_scale: float = 1.0
+    freeze: str = "none"
 
     def __post_init__(self):
         """Every value checked before any work: a clear ValueError naming the setting."""
@@ -84,6 +89,10 @@ class Recipe:
              "a finite number >= 0 (0 turns clipping off)"),
             ("dropout", number(self.dropout) and 0 <= self.dropout < 1, "in [0, 1)"),
             ("seed", whole(self.seed) and self.seed >= 0, "a whole number >= 0"),
+            ("init", self.init is None or isinstance(self.init, str), "a weights file or None"),
+            ("features_lr_scale", number(self.features_lr_scale) and self.features_lr_scale >= 0,
+             "a finite number >= 0"),
+            ("freeze", self.freeze in ("none", "features"), "none or features"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -274,8 +283,18 @@ class Trainer:
         self.mean = float((counts * levels).sum() / counts.sum())
         self.std = float(np.sqrt((counts * (levels - self.mean) ** 2).sum() / counts.sum()))
         _rng.manual_seed(r.seed)
-        self.model = EmotionClassifier(num_classes=len(EMOTIONS), dropout=r.dropout).to(device)
-        params = self.model.parameters()
+        self.classes = tuple(data.get("classes") or EMOTIONS)
+        if r.init:
+            self.model = EmotionClassifier.from_pretrained(len(self.classes), r.init, dropout=r.dropout)
+        else:
+            self.model = EmotionClassifier(num_classes=len(self.classes), dropout=r.dropout)
+        self.model.freeze_features(r.freeze == "features").to(device)
+        if r.freeze == "features":
+            if cuda_graph:
+                raise ValueError("--cuda-graph with frozen features is not supported: train without it")
+            params = self.model.classifier.parameters()
+        else:
+            params = self.model.parameters()
         if r.optimizer == "sgd":
             self.optimizer = SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0,
                                  weight_decay=r.weight_decay)
@@ -285,6 +304,10 @@ class Trainer:
             self.optimizer = AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
         else:
             raise ValueError(f"unknown optimizer {r.optimizer!r}: use sgd, adam or adamw")
+        if r.features_lr_scale != 1.0 and r.freeze == "none":
+            if cuda_graph:
+                raise ValueError("--cuda-graph with a separate rate for the features is not supported")
+            self.optimizer.set_lr_scale(self.model.features.parameters(), r.features_lr_scale)
         self.criterion = CrossEntropyLoss(label_smoothing=r.label_smoothing)
         augment = Augment(**r.augment) if r.augment else None
         self.train_loader = BatchLoader(train_x, train_y, r.batch_size, shuffle=True, augment=augment,
@@ -310,7 +333,7 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------
     def _meta(self, **extra):
-        return dict(model="EmotionClassifier", num_classes=len(EMOTIONS), classes=list(EMOTIONS),
+        return dict(model="EmotionClassifier", num_classes=len(self.classes), classes=list(self.classes),
                     minicnn_version=__version__, recipe=dataclasses.asdict(self.recipe),
                     normalization={"mean": self.mean, "std": self.std, "input": "grayscale 48x48, x/255"},
                     data=self.data_description, epoch=self.epoch, batch=self.batch,
@@ -517,6 +540,6 @@ class Trainer:
             model, _ = load_model(os.path.join(self.out_dir, "best.npz"), self.device)
         x, y = self.data[split]
         probs = predict_proba(model, x, self.mean, self.std, tta=tta, device=self.device)
-        report = classification_report(y, probs.argmax(1), EMOTIONS)
+        report = classification_report(y, probs.argmax(1), self.classes)
         report["probs"] = probs
         return report
