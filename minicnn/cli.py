@@ -274,6 +274,9 @@ def _cmd_export(args):
 
 
 def _cmd_bench(args):
+    if "--faces" in args.bench_args:
+        from .benchmarks.faces import main as faces_main
+        return faces_main([a for a in args.bench_args if a != "--faces"])
     if "--video" in args.bench_args:
         from .benchmarks.video import main as video_main
         return video_main([a for a in args.bench_args if a != "--video"])

@@ -225,3 +225,11 @@ def test_the_video_benchmark_reports_frames_per_second_and_stages(tmp_path, caps
     assert result["fps_median"] > 0 and result["faces_per_frame"] >= 0.9
     assert set(result["ms_per_frame_by_stage"]) == {"decode", "detect", "classify", "draw", "encode"}
     assert "frames/s" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(FER, "test")), reason="needs the FER2013 folder (../shared)")
+def test_the_detector_comparison_runs(tmp_path, capsys):
+    from minicnn.cli import main
+    assert main(["bench", "--faces", "--data", FER, "--per-class", "3", "--out", str(tmp_path)]) == 0
+    rows = json.load(open(tmp_path / "faces-latest.json"))["rows"]
+    assert len(rows) == 6 and rows["haarcascade_frontalface_default.xml"]["found"] > 0.3
