@@ -1,7 +1,7 @@
 """What both engines share: which runs of textbook layers a block step replaces, and its errors."""
 import numpy as np
 
-__all__ = ["Step", "StepWithInputGrad", "TextbookRun", "batchnorm_buffers", "restore_batchnorm_buffers", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
+__all__ = ["Step", "StepWithInputGrad", "LinearStepBase", "TextbookRun", "batchnorm_buffers", "restore_batchnorm_buffers", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
            "pooled_size",
            "no_forward_yet", "before_forward", "NOTHING_KEPT"]
 
@@ -29,6 +29,40 @@ class StepWithInputGrad(Step):
 
     def backward_params(self, dout):
         return self.backward(dout, input_grad=False)
+
+
+class LinearStepBase(StepWithInputGrad):
+    """Replaces :class:`minicnn.nn.Linear`: its three products through the engine's own ``matmul``
+    (``weight_grad`` may put dL/dW in reused memory)."""
+
+    def __init__(self, linear):
+        self.linear = linear
+        self.saved = None        # the input
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def weight_grad(self, dout, x):
+        return self.matmul(dout.T, x)
+
+    def forward(self, x):
+        lin = self.linear
+        lin.check(x)
+        out = self.matmul(x, lin.weight.data.T)
+        if lin.bias is not None:
+            out += lin.bias.data
+        self.saved = x
+        return out
+
+    def backward(self, dout, input_grad=True):
+        lin, x = self.linear, self.saved
+        if x is None:
+            raise before_forward(lin)
+        lin.check_grad(dout, (x.shape[0], lin.out_features))
+        lin.weight.accumulate_grad(self.weight_grad(dout, x))
+        if lin.bias is not None:
+            lin.bias.accumulate_grad(dout.sum(axis=0))
+        return self.matmul(dout, lin.weight.data) if input_grad else None
 
 
 class TextbookRun:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common import (Step, StepWithInputGrad, TextbookRun, batchnorm_buffers, before_forward as _before_forward,
-                      restore_batchnorm_buffers)
+from ..common import (LinearStepBase, Step, StepWithInputGrad, TextbookRun, batchnorm_buffers,
+                      before_forward as _before_forward, restore_batchnorm_buffers)
 from . import kernels as cpu
 from . import workspace
 
@@ -264,29 +264,8 @@ class MaxPool2dStep(Step):
 
 
 
-class LinearStep(StepWithInputGrad):
+class LinearStep(LinearStepBase):
     """Replaces :class:`minicnn.nn.Linear`: the same three products, dL/dW into reused memory."""
 
-    def __init__(self, linear):
-        self.linear = linear
-        self.saved = None        # the input
-
-    def forward(self, x):
-        lin = self.linear
-        lin.check(x)
-        out = x @ lin.weight.data.T
-        if lin.bias is not None:
-            out += lin.bias.data
-        self.saved = x
-        return out
-
-    def backward(self, dout, input_grad=True):
-        lin, x = self.linear, self.saved
-        if x is None:
-            raise _before_forward(lin)
-        lin.check_grad(dout, (x.shape[0], lin.out_features))
-        lin.weight.accumulate_grad(np.matmul(dout.T, x, out=workspace.empty(lin.weight.shape, x.dtype)))
-        if lin.bias is not None:
-            lin.bias.accumulate_grad(dout.sum(axis=0))
-        return dout @ lin.weight.data if input_grad else None
-
+    def weight_grad(self, dout, x):
+        return np.matmul(dout.T, x, out=workspace.empty(self.linear.weight.shape, x.dtype))

@@ -10,7 +10,7 @@ import numpy as np
 
 from ...backend import get_array_module, to_device
 from ...nn.module import check_input
-from ..common import Step, StepWithInputGrad, before_forward as _before_forward
+from ..common import LinearStepBase, Step, StepWithInputGrad, before_forward as _before_forward
 from . import kernels as gpu
 
 __all__ = ["Conv2dStep", "BatchNorm2dStep", "BatchNormReLU", "MaxPool2dStep", "DropoutStep", "LinearStep",
@@ -215,33 +215,12 @@ class DropoutStep(Step):
 
 
 
-class LinearStep(StepWithInputGrad):
+class LinearStep(LinearStepBase):
     """Replaces :class:`minicnn.nn.Linear`: the same products through :func:`.kernels.matmul`, so a
     CUDA graph can capture them."""
 
-    def __init__(self, linear):
-        self.linear = linear
-        self.saved = None
-
-    def forward(self, x):
-        lin = self.linear
-        lin.check(x)
-        out = gpu.matmul(x, lin.weight.data.T)
-        if lin.bias is not None:
-            out += lin.bias.data
-        self.saved = x
-        return out
-
-    def backward(self, dout, input_grad=True):
-        lin, x = self.linear, self.saved
-        if x is None:
-            raise _before_forward(lin)
-        lin.check_grad(dout, (x.shape[0], lin.out_features))
-        lin.weight.accumulate_grad(gpu.matmul(dout.T, x))
-        if lin.bias is not None:
-            lin.bias.accumulate_grad(dout.sum(axis=0))
-        return gpu.matmul(dout, lin.weight.data) if input_grad else None
-
+    def matmul(self, a, b):
+        return gpu.matmul(a, b)
 
 
 class CrossEntropyStep:
