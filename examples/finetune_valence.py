@@ -66,7 +66,8 @@ def main(argv=None):
     import minicnn.weights  # noqa: F401
     with tempfile.TemporaryDirectory() as tmp:
         build(args.fer, os.path.join(tmp, "valence"), args.per_class)
-        data, desc = load_dataset(os.path.join(tmp, "valence"), val_fraction=0.2, seed=0, progress=False)
+        data, desc = load_dataset(os.path.join(tmp, "valence"), val_fraction=0.2, seed=0, progress=False,
+                                  classes="any")
         print(f"{desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
               f"{len(data['test'][1])} test; {args.epochs} epochs; seeds {args.seeds}", file=sys.stderr)
         rows = []

@@ -57,7 +57,8 @@ def _cmd_train(args):
     if not pictures:
         print("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
               "samples): pip install 'minicnn[plots]'", file=sys.stderr)
-    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed)
+    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed,
+                              classes="any" if finetune else EMOTIONS)
     print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
           f"{len(data['test'][1])} test images", file=sys.stderr)
     if builtin:
@@ -105,8 +106,7 @@ def _cmd_evaluate(args):
     path = _weights_path(args.weights)
     model, meta = load_model(path, args.device)
     classes = tuple(meta.get("classes") or EMOTIONS)
-    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed,
-                              classes=None if classes == EMOTIONS else classes)
+    data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed, classes=classes)
     if tuple(c.lower() for c in data["classes"]) != tuple(c.lower() for c in classes):
         raise DatasetError(f"the data's classes ({', '.join(data['classes'])}) are not the model's "
                            f"({', '.join(classes)})")

@@ -42,7 +42,7 @@ def test_folder_layout_loads_in_class_order_and_caches(tmp_path):
     x, y = data["train"]
     assert x.shape == (14, 48, 48) and x.dtype == np.uint8
     assert np.bincount(y).tolist() == [2] * 7
-    assert sorted(data) == ["test", "train"]
+    assert sorted(data) == ["classes", "test", "train"] and data["classes"] == EMOTIONS
     cached = os.listdir(tmp_path / "cache")
     assert len(cached) == 1 and cached[0].endswith(".npz")
     assert not any(n.endswith(".npz") for _, _, files in os.walk(root) for n in files)   # never in the data
@@ -58,7 +58,7 @@ def test_csv_loads_three_splits(tmp_path):
     rows = [(i % 7, rng.integers(0, 256, 2304), usage)
             for i, usage in enumerate(["Training"] * 14 + ["PublicTest"] * 7 + ["PrivateTest"] * 7)]
     data = load_fer2013(make_csv(tmp_path / "fer2013.csv", rows), progress=False)
-    assert {k: len(v[1]) for k, v in data.items()} == {"train": 14, "val": 7, "test": 7}
+    assert {k: len(v[1]) for k, v in data.items() if k != "classes"} == {"train": 14, "val": 7, "test": 7}
     np.testing.assert_array_equal(data["train"][0][0].ravel(), rows[0][1])
     splits, desc = load_dataset(str(tmp_path / "fer2013.csv"))
     assert "validation: PublicTest" in desc and len(splits["val"][1]) == 7
@@ -75,8 +75,8 @@ def test_folder_validation_is_a_stratified_slice_of_training(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda r: None, "no dataset at"),
     (lambda r: make_folder(r, splits=("train",)), "missing the 'test/' folder"),
-    (lambda r: make_folder(r, emotions=EMOTIONS[:5]), "missing emotion folder"),
-    (lambda r: (make_folder(r), (r / "train" / "bored").mkdir()), "unknown emotion folder"),
+    (lambda r: make_folder(r, emotions=EMOTIONS[:5]), "missing class folder"),
+    (lambda r: (make_folder(r), (r / "train" / "bored").mkdir()), "unknown class folder"),
 ])
 def test_bad_folder_layouts(tmp_path, setup, message):
     root = tmp_path / "fer"
@@ -144,7 +144,7 @@ def test_builtin_faces_are_seeded_balanced_and_varied():
 def test_default_dataset_is_builtin_and_says_so(monkeypatch):
     monkeypatch.delenv("MINICNN_DATA", raising=False)
     data, desc = load_dataset(None)
-    assert "built-in" in desc and set(data) == {"train", "val", "test"}
+    assert "built-in" in desc and set(data) == {"train", "val", "test", "classes"}
 
 
 # --- augmentation and batches -----------------------------------------------------------------

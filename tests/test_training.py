@@ -243,8 +243,8 @@ def test_cli_train_evaluate_predict(tmp_path, monkeypatch, capsys):
     Image.fromarray(make_faces(1, seed=9)[0][0]).resize((300, 260)).convert("RGB").save(img)
     assert cli(["predict", str(img), "--weights", str(out / "best.npz")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(str(img)) and len(lines) == 8
-    assert abs(sum(float(l.split()[-1].rstrip("%")) for l in lines[1:]) - 100) < 0.5
+    assert lines[0] == f"{img}: 1 face" and lines[1].startswith("  face 1 at [") and len(lines) == 9
+    assert abs(sum(float(l.split()[-1].rstrip("%")) for l in lines[2:]) - 100) < 0.5
     predictor = EmotionPredictor(str(out / "best.npz"))
     probs = predictor.predict(load_face(img))
     assert probs.shape == (1, 7)

@@ -8,14 +8,15 @@ __all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir", "make_faces"
            "Augment", "BatchLoader", "normalize", "load_dataset"]
 
 
-def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=None):
+def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=EMOTIONS):
     """Splits {'train', 'val', 'test'} of uint8 images and labels, and a description.
 
     ``path``: a FER2013 folder or CSV; None means ``$MINICNN_DATA`` if set, else
     the built-in faces. Validation (for model selection) is PublicTest when the
     source has three splits (the CSV); otherwise a stratified, seeded
     ``val_fraction`` of training. Test is never used for selection. ``data['classes']`` names the
-    labels (FER2013's emotions, or a folder's own classes; ``classes`` fixes their order).
+    labels: FER2013's emotions by default, other names in their label order, or "any" for a folder's
+    own classes (fine-tuning).
     """
     import math
     import os

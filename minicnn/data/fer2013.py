@@ -224,28 +224,29 @@ def _read_csv_rows(path, data, usage_to_split):
 
 # --- the public loader ---------------------------------------------------------------------
 
-def load_fer2013(path, use_cache=True, progress=True, classes=None):
+def load_fer2013(path, use_cache=True, progress=True, classes=EMOTIONS):
     """Load FER2013 from a folder or a CSV: {'train': (images, labels), 'test': ..., ['val': ...],
     'classes': names}.
 
     ``images`` are uint8 of shape (N, 48, 48); labels int64 in the order of ``classes``. The folder
     layout gives 'train' and 'test' (PublicTest); the CSV gives 'train', 'val' (PublicTest) and
-    'test' (PrivateTest) when it has them. A folder of other classes (``train/<class>/``, any names:
-    fine-tuning) loads the same way; ``classes`` fixes their order (default: :func:`folder_classes`).
+    'test' (PrivateTest) when it has them. ``classes``: the class folders expected (default FER2013's
+    seven emotions; a folder missing one is an error), a tuple of other names in their label order, or
+    "any" for whatever ``train/`` holds (fine-tuning; see :func:`folder_classes`).
     """
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise DatasetError(f"no dataset at {path}: give the FER2013 folder (with train/ and test/) "
                            "or Kaggle's fer2013.csv")
     if os.path.isdir(path):
-        classes = tuple(classes) if classes is not None else folder_classes(path)
+        classes = folder_classes(path) if classes == "any" else tuple(classes)
         splits = _folder_files(path, classes)
         fingerprint = _folder_fingerprint(path, splits)
         def read():
             return _read_folder(splits, progress)
     else:
         _read_csv_check_kind(path)
-        if classes is not None and tuple(c.lower() for c in classes) != EMOTIONS:
+        if classes != "any" and tuple(c.lower() for c in classes) != EMOTIONS:
             raise DatasetError(f"{path}: a FER2013 CSV holds the seven emotions, not {', '.join(classes)}")
         classes = EMOTIONS
         fingerprint = _file_fingerprint(path)
