@@ -9,8 +9,8 @@
 
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
 momentum update) and inference (eval-mode forward) for every backend that is
-available: minicnn's plain path, its fast CPU path, on a GPU its plain path, its
-CUDA kernels and its CUDA-graph step (each with float32 products, and with TF32 as
+available: minicnn's textbook layers (minicnn-plain), its CPU engine (minicnn-fast), on a GPU its
+textbook layers, its GPU engine and its CUDA-graph step (each with float32 products, and with TF32 as
 PyTorch's cuDNN convolutions use by default), PyTorch CPU (NCHW and channels_last)
 and PyTorch CUDA (eager: its default, TF32 convolutions, and torch-cuda-fp32 without).
 The GPU rows also give their ratio to both PyTorch CUDA rows and the time one

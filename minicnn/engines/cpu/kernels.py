@@ -1,6 +1,6 @@
-"""The fast CPU path: numba kernels on channels-last (NHWC) memory.
+"""The CPU engine's numba kernels, on channels-last (NHWC) memory.
 
-The plain layers work on (N, C, H, W) arrays with NumPy. This module is the
+The textbook layers (minicnn/nn) work on (N, C, H, W) arrays with NumPy. This module is the
 same math, reorganised for speed on a CPU:
 
 * **channels-last memory.** An activation lives in memory as (N, H, W, C) and is
@@ -15,7 +15,7 @@ same math, reorganised for speed on a CPU:
   optimizer update. Matrix products stay with NumPy's BLAS, never inside
   ``prange``.
 
-Every kernel here is tested against the plain path and the naive loops in
+Every kernel here is tested against the textbook layers and the naive loops in
 :mod:`minicnn.nn.reference`.
 """
 import os

@@ -1,4 +1,4 @@
-"""3x3 convolution (stride 1) by Winograd's minimal filtering F(2x2, 3x3) on the fast CPU path.
+"""3x3 convolution (stride 1) by Winograd's minimal filtering F(2x2, 3x3) in the CPU engine.
 
 im2col + GEMM spends 9 multiplications on each output value per input channel. Winograd's
 algorithm (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016) computes a

@@ -1,4 +1,4 @@
-"""Reusable work arrays for the fast CPU path.
+"""Reusable work arrays for the CPU engine.
 
 Why: a large NumPy array is fresh memory from the operating system, and every
 page of it faults the first time it is written (the kernel zeroes it first).
@@ -14,7 +14,7 @@ reuse can never change an array someone still holds: it behaves exactly like
 from ``np.empty`` as usual. The pool forgets its least recently used buffers
 beyond ``limit()`` bytes (default: a quarter of the machine's memory, at least 1 GiB;
 ``MINICNN_WORKSPACE_MB``). A training step must fit: at batch 1024 the EmotionClassifier's
-fast path pools 1.5 GB, and under a 1 GiB cap that step ran 1.2-1.5x slower (fresh memory every
+CPU engine pools 1.5 GB, and under a 1 GiB cap that step ran 1.2-1.5x slower (fresh memory every
 step; 1.66-1.74 s against 1.39-1.43 s on 2 cores).
 
     from minicnn.engines.cpu import workspace

@@ -30,7 +30,7 @@ class ConvBlockSaved:
 
 class ConvBatchNormReLUPoolGPU(StepWithInputGrad):
     """Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU's CUDA kernels, on
-    channels-last memory as on the fast CPU path (the kernels: the end of kernels.cu)::
+    channels-last memory as in the CPU engine (the kernels: the end of kernels.cu)::
 
         forward:   col = im2col_nhwc(x)                        (N*OH*OW, K*K*C), kept for dW
                    y = col @ Wc                                (N*OH*OW, OC): the NHWC conv output,

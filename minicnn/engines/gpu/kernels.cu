@@ -1,4 +1,4 @@
-// minicnn's CUDA kernels: the GPU path's replacements for the plain path's slowest array code.
+// minicnn's CUDA kernels: the GPU engine's replacements for the textbook layers' slowest array code.
 //
 // Compiled by CuPy (cupy.RawModule) once per dtype, with -Dreal=float or -Dreal=double; launched
 // from minicnn/kernels/gpu.py, which shows each one's Python equivalent. Every kernel is a
@@ -11,7 +11,7 @@
 // up to large batches, long long beyond (compiled with -DWIDE_INDEX): 64-bit division costs a GPU
 // dozens of instructions, and im2col does several per element.
 //
-// Layouts are the plain path's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
+// Layouts are the textbook's: images (N, C, H, W) in C order; im2col rows (n, oh, ow) and
 // columns (c, i, j), as in minicnn/kernels/im2col.py.
 //
 // Values that change from step to step (the learning rate, dropout's seed) are read from device
@@ -287,7 +287,7 @@ extern "C" __global__ void adam_update(real* p, const real* g, real* m, real* v,
 
 // --- The conv block on channels-last memory ----------------------------------------------------
 // Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d as one step on the GPU (minicnn/engines/gpu/blocks.py's
-// ConvBatchNormReLUPool, the fast CPU path's design): images are (N, H, W, C) in C order, im2col
+// ConvBatchNormReLUPool, the CPU engine's design): images are (N, H, W, C) in C order, im2col
 // rows (n, oy, ox) and columns (i, j, c) as in minicnn/engines/cpu/kernels.py, so the conv's product comes
 // out channels-last with no transpose, neighbouring threads touch neighbouring channels (coalesced
 // reads and writes, col2im included), and BatchNorm, ReLU and pooling share their passes over the
