@@ -1,8 +1,4 @@
-import os
-import sys
+"""``python -m benchmarks`` in a source checkout: the same as ``minicnn bench`` (minicnn/benchmarks)."""
+import runpy
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before NumPy loads: see minicnn/benchmarks/run.py
-
-from minicnn.benchmarks.run import main  # noqa: E402
-
-sys.exit(main())
+runpy.run_module("minicnn.benchmarks", run_name="__main__", alter_sys=True)

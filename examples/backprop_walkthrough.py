@@ -75,7 +75,7 @@ def main():
     failures = 0
     for (name, layer), inp, rng in zip(reversed(layers), reversed(inputs), reversed(rng_states)):
         layer.set_rng_states(rng)
-        out = layer(inp)                                # (the forward pass again, same mask: its cache)
+        layer(inp)                                      # (the forward pass again, same mask: its cache)
         dx = layer.backward(g)
         grads = {pname: p.grad.copy() for pname, p in layer.named_parameters()}
         checks = []

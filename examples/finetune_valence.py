@@ -20,9 +20,9 @@ import tempfile
 
 import numpy as np
 
-import minicnn
 from minicnn.data import load_dataset
 from minicnn.training import Recipe, Trainer
+from minicnn.weights import default_weights_path
 
 VALENCE = {"positive": ("happy", "surprise"), "negative": ("angry", "disgust", "fear", "sad"),
            "neutral": ("neutral",)}
@@ -48,9 +48,9 @@ def run(data, how, seed, epochs, out):
     if how == "scratch":
         recipe = Recipe(**dict(base, lr=0.02))
     elif how == "frozen":
-        recipe = Recipe(**base, init=minicnn.weights.default_weights_path(), freeze="features")
+        recipe = Recipe(**base, init=default_weights_path(), freeze="features")
     else:
-        recipe = Recipe(**base, init=minicnn.weights.default_weights_path(), features_lr_scale=0.1)
+        recipe = Recipe(**base, init=default_weights_path(), features_lr_scale=0.1)
     trainer = Trainer(data, recipe, out_dir=out, progress=False, log=lambda m: None, overwrite=True)
     trainer.fit()
     return trainer.evaluate("test")["accuracy"]
@@ -63,7 +63,6 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args(argv)
-    import minicnn.weights  # noqa: F401
     with tempfile.TemporaryDirectory() as tmp:
         build(args.fer, os.path.join(tmp, "valence"), args.per_class)
         data, desc = load_dataset(os.path.join(tmp, "valence"), val_fraction=0.2, seed=0, progress=False,

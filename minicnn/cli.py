@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 
 def _add_common(p, data=True):
@@ -146,17 +145,7 @@ def _cmd_predict(args):
     for path in iter_images(args.images):
         total += 1
         try:
-            if args.whole:
-                from .data.images import decode_gray
-                gray = decode_gray(path)
-                h, w = gray.shape
-                side = min(h, w)
-                from .faces import Face
-                box = ((w - side) // 2, (h - side) // 2, side, side)
-                p = reader.classify(gray, [box])[0]
-                faces = [Face(box, reader.classes[int(p.argmax())], dict(zip(reader.classes, map(float, p))))]
-            else:
-                gray, faces = reader.read_image(path)
+            _, faces = reader.read_image(path, whole=args.whole)
         except (DatasetError, OSError) as exc:
             failed += 1
             print(f"minicnn: error: {exc}", file=sys.stderr)

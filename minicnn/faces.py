@@ -86,23 +86,26 @@ class FaceReader:
         faces = np.stack([crop_face(gray, b, self.margin) for b in boxes])
         return self.predictor.predict(faces)
 
-    def read_gray(self, gray):
-        """Every face in a uint8 (H, W) image; an image of at most WHOLE_IMAGE_BELOW pixels a side is
-        one face (a crop already)."""
+    def faces(self, gray, boxes):
+        """A :class:`Face` for each box of a uint8 (H, W) image, classified."""
+        return [Face(tuple(b), self.classes[int(p.argmax())], dict(zip(self.classes, map(float, p))))
+                for b, p in zip(boxes, self.classify(gray, boxes))]
+
+    def read_gray(self, gray, whole=False):
+        """Every face in a uint8 (H, W) image. With ``whole``, or for an image of at most
+        WHOLE_IMAGE_BELOW pixels a side (a crop already), its central square is the one face."""
         h, w = gray.shape
-        if max(h, w) <= WHOLE_IMAGE_BELOW:
+        if whole or max(h, w) <= WHOLE_IMAGE_BELOW:
             side = min(h, w)
             boxes = [((w - side) // 2, (h - side) // 2, side, side)]
         else:
             boxes = self._detector().detect(gray)
-        probs = self.classify(gray, boxes)
-        return [Face(tuple(b), self.classes[int(p.argmax())], dict(zip(self.classes, map(float, p))))
-                for b, p in zip(boxes, probs)]
+        return self.faces(gray, boxes)
 
-    def read_image(self, path):
-        """(uint8 (H, W) upright image, its faces) for an image file."""
+    def read_image(self, path, whole=False):
+        """(uint8 (H, W) upright image, its faces) for an image file (``whole``: see :meth:`read_gray`)."""
         gray = decode_gray(path)
-        return gray, self.read_gray(gray)
+        return gray, self.read_gray(gray, whole)
 
 
 def iter_images(paths):
@@ -223,10 +226,8 @@ def label_video(source, out, reader=None, show=False, smooth=0.4, detect_scale=0
                 if detect_scale != 1 else gray
             boxes = [tuple(int(round(v / detect_scale)) for v in b) for b in reader._detector().detect(small)]
             lap("detect")
-            probs = reader.classify(gray, boxes)
+            faces = reader.faces(gray, boxes)
             lap("classify")
-            faces = [Face(b, reader.classes[int(p.argmax())], dict(zip(reader.classes, map(float, p))))
-                     for b, p in zip(boxes, probs)]
             faces = smoother(faces, reader.classes)
             faces_seen += len(faces)
             rgb = draw_faces(frame[..., ::-1] if frame.ndim == 3 else frame, faces)

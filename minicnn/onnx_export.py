@@ -42,8 +42,9 @@ def to_onnx(model, classes, mean, std, name="EmotionClassifier"):
         return key
 
     current = "input"
-    for i, (lname, layer) in enumerate(leaf_layers(model)):
-        out = "logits" if i == len(list(leaf_layers(model))) - 1 else f"{lname}.out"
+    layers = list(leaf_layers(model))
+    for i, (lname, layer) in enumerate(layers):
+        out = "logits" if i == len(layers) - 1 else f"{lname}.out"
         kind = type(layer)
         if kind is nn.Conv2d:
             ins = [current, init(f"{lname}.weight")] + ([init(f"{lname}.bias")] if layer.bias is not None else [])

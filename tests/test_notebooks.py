@@ -17,7 +17,7 @@ def test_every_layer_page_has_a_notebook_and_there_is_one_end_to_end():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     for page in ("linear", "relu", "cross_entropy", "conv2d", "maxpool2d", "batchnorm2d", "dropout"):
         assert any(n.endswith(f"_{page}.py") for n in names), page
-        assert f"notebooks/" in open(os.path.join(DOCS, f"{page}.md")).read(), f"{page}.md does not link its notebook"
+        assert "notebooks/" in open(os.path.join(DOCS, f"{page}.md")).read(), f"{page}.md does not link its notebook"
     assert any("end_to_end" in n for n in names)
 
 

@@ -21,7 +21,7 @@
 # %matplotlib inline
 import numpy as np
 import minicnn
-from minicnn.data import EMOTIONS, make_faces, normalize
+from minicnn.data import make_faces, normalize
 from minicnn.gradcheck import check_all, format_report
 from minicnn.models import EmotionClassifier
 

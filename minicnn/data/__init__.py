@@ -5,7 +5,7 @@ from .loader import BatchLoader, normalize
 from .synthetic import make_faces, synthetic_splits
 
 __all__ = ["EMOTIONS", "DatasetError", "load_fer2013", "cache_dir", "make_faces", "synthetic_splits",
-           "Augment", "BatchLoader", "normalize", "load_dataset"]
+           "Augment", "BatchLoader", "normalize", "load_dataset", "folder_classes"]
 
 
 def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=EMOTIONS):

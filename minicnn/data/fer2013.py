@@ -43,6 +43,11 @@ def cache_dir():
 
 # --- the folder layout ------------------------------------------------------------------
 
+def _class_dirs(d):
+    """The class folders in ``d``, sorted (hidden ones, like .ipynb_checkpoints, left out)."""
+    return sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
+
+
 def folder_classes(root):
     """The class names of a ``train/<class>/`` layout: FER2013's seven emotions in FER2013's order when
     those are the folders, else the folder names sorted (any labels, for fine-tuning)."""
@@ -50,7 +55,7 @@ def folder_classes(root):
     if not os.path.isdir(d):
         raise DatasetError(f"{root}: missing the 'train/' folder (expected train/<class>/*.jpg and "
                            "test/<class>/*.jpg)")
-    found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
+    found = _class_dirs(d)
     if not found:
         raise DatasetError(f"{d}: no class folders (expected train/<class>/*.jpg)")
     if {f.lower() for f in found} == set(EMOTIONS):
@@ -69,7 +74,7 @@ def _folder_files(root, classes=EMOTIONS):
         if not os.path.isdir(d):
             raise DatasetError(f"{root}: missing the '{split}/' folder (expected train/<class>/*.jpg and "
                                f"test/<class>/*.jpg with classes {', '.join(classes)})")
-        found = sorted(e for e in os.listdir(d) if os.path.isdir(os.path.join(d, e)) and not e.startswith("."))
+        found = _class_dirs(d)
         unknown = [e for e in found if e.lower() not in lower]
         if unknown:
             raise DatasetError(f"{d}: unknown class folder(s) {', '.join(unknown)}; expected "
@@ -103,13 +108,6 @@ def _folder_files(root, classes=EMOTIONS):
 def _decode(path):
     """The same decoding as predict's (minicnn/data/images.py): upright, grayscale, central square, 48x48."""
     return decode_face(path)
-
-
-def _fingerprint(items):
-    h = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
-    for item in items:
-        h.update(repr(item).encode())
-    return h.hexdigest()[:16]
 
 
 def _folder_fingerprint(root, splits):
@@ -146,21 +144,19 @@ def _read_folder(splits, progress):
 
 # --- the CSV ---------------------------------------------------------------------------------
 
-def _read_csv_check_kind(path):
-    """A clear error for a file that is not a CSV at all (an image given as --data)."""
-    _read_csv(path, progress=False, only_check=True)
-
-
-def _read_csv(path, progress, only_check=False):
-    usage_to_split = {"training": "train", "publictest": "val", "privatetest": "test"}
-    data = {s: ([], []) for s in ("train", "val", "test")}
+def _refuse_binary(path):
+    """A clear error for a file that is not a CSV at all (an image or an archive given as --data)."""
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"PK\x03\x04", b"II*\x00", b"MM\x00*", b"RIFF")):
         raise DatasetError(f"{path} is an image or an archive, not a dataset: give the FER2013 folder (with "
                            "train/ and test/) or Kaggle's fer2013.csv")
-    if only_check:
-        return None
+
+
+def _read_csv(path):
+    """Kaggle's fer2013.csv (checked by :func:`_refuse_binary` first)."""
+    usage_to_split = {"training": "train", "publictest": "val", "privatetest": "test"}
+    data = {s: ([], []) for s in ("train", "val", "test")}
     try:
         return _read_csv_rows(path, data, usage_to_split)
     except UnicodeDecodeError as exc:
@@ -245,13 +241,13 @@ def load_fer2013(path, use_cache=True, progress=True, classes=EMOTIONS):
         def read():
             return _read_folder(splits, progress)
     else:
-        _read_csv_check_kind(path)
+        _refuse_binary(path)
         if classes != "any" and tuple(c.lower() for c in classes) != EMOTIONS:
             raise DatasetError(f"{path}: a FER2013 CSV holds the seven emotions, not {', '.join(classes)}")
         classes = EMOTIONS
         fingerprint = _file_fingerprint(path)
         def read():
-            return _read_csv(path, progress)
+            return _read_csv(path)
     cache_file = os.path.join(cache_dir(), f"fer2013-{fingerprint}.npz")
     if use_cache and os.path.exists(cache_file):
         try:

@@ -1,7 +1,7 @@
 """What both engines share: which runs of textbook layers a block step replaces, and its errors."""
 import numpy as np
 
-__all__ = ["Step", "StepWithInputGrad", "LinearStepBase", "TextbookRun", "batchnorm_buffers", "restore_batchnorm_buffers", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
+__all__ = ["Step", "StepWithInputGrad", "LinearStepBase", "TextbookRun", "batchnorm_buffers", "restore_batchnorm_buffers", "weight_columns", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
            "pooled_size",
            "no_forward_yet", "before_forward", "NOTHING_KEPT"]
 
@@ -87,6 +87,13 @@ class TextbookRun:
             return self.layers[0].backward(dout)
         self.layers[0].backward_params(dout)
         return None
+
+
+def weight_columns(conv):
+    """The conv weight (OC, C, K, K) as the (K*K*C, OC) matrix that multiplies channels-last im2col rows
+    (both engines' conv steps and blocks)."""
+    k = conv.kernel_size
+    return conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * conv.in_channels, conv.out_channels)
 
 
 def batchnorm_buffers(bn):

@@ -19,11 +19,12 @@ import numpy as np
 
 from ...nn.module import is_grad_enabled
 from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, TextbookRun, batchnorm_buffers, check_bn_and_pool,
-                      fusable, fusable_with_conv, no_forward_yet, pooled_size, restore_batchnorm_buffers)
+                      fusable, fusable_with_conv, no_forward_yet, pooled_size, restore_batchnorm_buffers,
+                      weight_columns)
 from . import kernels as cpu
 from . import threads, winograd, workspace
 from .layers import (Conv2dStep, accumulate_weight_columns, backward_affine, batch_affine,
-                     batch_affine_from_parts, eval_affine, weight_columns)
+                     batch_affine_from_parts, eval_affine)
 
 __all__ = ["BatchNormReLUPool", "ConvBatchNormReLUPool", "fusable", "fusable_with_conv"]
 

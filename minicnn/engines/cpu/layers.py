@@ -11,21 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..common import (LinearStepBase, Step, StepWithInputGrad, TextbookRun, batchnorm_buffers,
-                      before_forward as _before_forward, restore_batchnorm_buffers)
+                      before_forward as _before_forward, restore_batchnorm_buffers, weight_columns)
 from . import kernels as cpu
 from . import workspace
 
-__all__ = ["Conv2dStep", "BatchNorm2dStep", "ReLUStep", "MaxPool2dStep", "LinearStep", "weight_columns",
+__all__ = ["Conv2dStep", "BatchNorm2dStep", "ReLUStep", "MaxPool2dStep", "LinearStep",
            "accumulate_weight_columns", "batch_affine", "batch_affine_from_parts", "eval_affine",
            "backward_affine"]
 
 # --- Conv2d ---------------------------------------------------------------------------------
-def weight_columns(conv):
-    """The conv weight (OC, C, K, K) as the (K*K*C, OC) matrix that multiplies channels-last im2col rows."""
-    k = conv.kernel_size
-    return conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * conv.in_channels, conv.out_channels)
-
-
 def accumulate_weight_columns(conv, dw_columns):
     """Add dL/dW given in :func:`weight_columns`' layout to ``conv.weight.grad`` (OC, C, K, K)."""
     k = conv.kernel_size
@@ -172,6 +166,7 @@ class BatchNorm2dStep(Step):
     def __init__(self, bn):
         self.bn = bn
         self.saved = None
+        self.fallback = None      # the textbook layer, when the output was not finite
 
     def forward(self, x):
         bn = self.bn
@@ -189,7 +184,7 @@ class BatchNorm2dStep(Step):
         return cpu.from_nhwc(out.reshape(x_nhwc.shape))
 
     def backward(self, dout):
-        if getattr(self, "fallback", None) is not None:
+        if self.fallback is not None:
             return self.fallback.backward(dout)
         bn, sv = self.bn, self.saved
         if sv is None:

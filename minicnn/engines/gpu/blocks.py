@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from ...backend import get_array_module
 from ...nn.module import is_grad_enabled
-from ..common import NOTHING_KEPT, StepWithInputGrad, check_bn_and_pool, fusable_with_conv, no_forward_yet
+from ..common import (NOTHING_KEPT, StepWithInputGrad, check_bn_and_pool, fusable_with_conv, no_forward_yet,
+                      weight_columns)
 from . import kernels as gpu
-from .layers import accumulate_weight_columns, weight_columns
+from .layers import accumulate_weight_columns
 
 __all__ = ["ConvBatchNormReLUPoolGPU", "fusable_with_conv"]
 

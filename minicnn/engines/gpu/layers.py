@@ -14,7 +14,7 @@ from ..common import LinearStepBase, Step, StepWithInputGrad, before_forward as 
 from . import kernels as gpu
 
 __all__ = ["Conv2dStep", "BatchNorm2dStep", "BatchNormReLU", "MaxPool2dStep", "DropoutStep", "LinearStep",
-           "CrossEntropyStep", "image_groups", "column_sums_by_image_groups", "weight_columns",
+           "CrossEntropyStep", "image_groups", "column_sums_by_image_groups",
            "accumulate_weight_columns"]
 
 
@@ -30,12 +30,6 @@ def column_sums_by_image_groups(d, n):
     millions of rows go into Q sums, one per block, and few of the GPU's multiprocessors work
     (conv1's bias gradient at batch 1024 on an H200)."""
     return d.reshape(image_groups(n, d.shape[1]), -1, d.shape[1]).sum(axis=1).sum(axis=0)
-
-
-def weight_columns(conv):
-    """The conv weight (OC, C, K, K) as the (K*K*C, OC) matrix that multiplies channels-last im2col rows."""
-    k = conv.kernel_size
-    return conv.weight.data.transpose(2, 3, 1, 0).reshape(k * k * conv.in_channels, conv.out_channels)
 
 
 def accumulate_weight_columns(conv, dw_columns):
