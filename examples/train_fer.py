@@ -4,6 +4,7 @@
     python examples/train_fer.py --data path/to/fer2013           # FER2013 (folder or fer2013.csv)
     python examples/train_fer.py --data path/to/fer2013 --epochs 50 --device gpu
     python examples/train_fer.py --data path/to/fer2013 --device gpu --cuda-graph   # steps replayed as CUDA graphs
+    mpiexec -n 4 python examples/train_fer.py --distributed --batch-size 256 --bn sync   # data-parallel, 4 ranks
 
 Exits non-zero if the test accuracy falls below --target (90% on the built-in
 faces, 60% on FER2013 by default), like tinygrad's examples.
@@ -24,6 +25,10 @@ def main():
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--cuda-graph", action="store_true", help="with --device gpu: each step replayed as a CUDA graph")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one data-parallel run over mpiexec's processes (--batch-size is the global batch)")
+    parser.add_argument("--bn", default="local", choices=["local", "sync"],
+                        help="with --distributed: each rank's BatchNorm statistics, or the global batch's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/train_fer")
     parser.add_argument("--resume", action="store_true")
@@ -31,11 +36,20 @@ def main():
     args = parser.parse_args()
     if args.cuda_graph and args.device != "gpu":
         parser.error("--cuda-graph needs --device gpu")
+    if args.distributed and args.cuda_graph:
+        parser.error("--cuda-graph with --distributed is not supported yet")
+    comm = None
+    if args.distributed:
+        # Every rank runs this script. MPI starts them; an exception on one ends them all.
+        from minicnn.distributed import init
+        comm = init(args.device)
+    speaks = comm is None or comm.rank == 0          # rank 0 alone prints
+    say = print if speaks else (lambda *a, **k: None)
 
     # 1. Data: uint8 faces (N, 48, 48) and labels, split into train / validation / test.
     data, description = load_dataset(args.data, seed=args.seed)
     builtin = description.startswith("built-in")
-    print(f"data: {description}")
+    say(f"data: {description}")
 
     # 2. The recipe: SGD with Nesterov momentum, cosine schedule with warm-up, label smoothing,
     #    augmentation (affine jitter, crop, flip). See minicnn/training/trainer.py.
@@ -43,19 +57,25 @@ def main():
                     lr=args.lr, seed=args.seed)
 
     # 3. Train: forward, loss, backward by hand, optimizer step; checkpoints every epoch.
-    trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=description,
-                      cuda_graph=args.cuda_graph)
-    trainer.model.summary()
+    if comm is None:
+        trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=description,
+                          cuda_graph=args.cuda_graph)
+    else:   # each rank trains on its slice of every global batch; gradients summed in one all-reduce
+        from minicnn.distributed import DistributedTrainer
+        trainer = DistributedTrainer(data, recipe, comm=comm, bn=args.bn, out_dir=args.out, device=args.device,
+                                     data_description=description)
+    if speaks:
+        trainer.model.summary()
     trainer.fit(resume=args.resume)
 
     # 4. Test with the best-by-validation weights (the test split was never used to choose them).
     report = trainer.evaluate("test")
-    print(format_report(report, EMOTIONS))
+    say(format_report(report, EMOTIONS))
     target = args.target if args.target is not None else (0.90 if builtin else 0.60)
     if report["accuracy"] < target:
-        print(f"FAILED: test accuracy {report['accuracy']:.2%} is below the target {target:.0%}")
+        say(f"FAILED: test accuracy {report['accuracy']:.2%} is below the target {target:.0%}")
         return 1
-    print(f"test accuracy {report['accuracy']:.2%} (target {target:.0%}): ok")
+    say(f"test accuracy {report['accuracy']:.2%} (target {target:.0%}): ok")
     return 0
 
 

@@ -35,6 +35,40 @@ def _cmd_train(args):
     if args.cuda_graph and args.device != "gpu":
         print("minicnn: error: --cuda-graph needs --device gpu (CUDA graphs replay GPU work)", file=sys.stderr)
         return 2
+    from .distributed.comm import world_size_from_environment
+    ranks = world_size_from_environment()
+    if ranks > 1 and not args.distributed:
+        print(f"minicnn: error: this is one of {ranks} processes started by mpiexec, but --distributed was not "
+              f"given: {ranks} independent runs would overwrite each other's checkpoints in {args.out}. Add "
+              "--distributed for one data-parallel run, or start a single process without mpiexec",
+              file=sys.stderr)
+        return 2
+    if not args.distributed:
+        return _train(args)
+    if args.cuda_graph:
+        print("minicnn: error: --cuda-graph with --distributed is not supported yet (the graph would have to "
+              "capture the all-reduce): train without --cuda-graph", file=sys.stderr)
+        return 2
+    from .distributed import init
+    comm = init(args.device)
+    try:
+        return _train(args, comm)
+    except BaseException as exc:          # any failure ends every rank, never a job left hanging
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        print(f"minicnn: error (rank {comm.rank} of {comm.size}): {what}; ending the job", file=sys.stderr)
+        sys.stderr.flush()
+        comm.abort(130 if isinstance(exc, KeyboardInterrupt) else 2)
+        raise
+
+
+def _train(args, comm=None):
+    """Train (or fine-tune); ``comm``: this rank's communicator in a data-parallel run (rank 0 alone
+    prints and writes the report and pictures)."""
+    speaks = comm is None or comm.rank == 0
+
+    def say(*parts):
+        if speaks:
+            print(*parts, file=sys.stderr)
     from .data import EMOTIONS, Augment, load_dataset
     from .extras import available
     from .training import Recipe, Trainer, format_report
@@ -54,25 +88,31 @@ def _cmd_train(args):
         **tuning)
     pictures = available("matplotlib")
     if not pictures:
-        print("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
-              "samples): pip install 'minicnn[plots]'", file=sys.stderr)
+        say("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
+            "samples): pip install 'minicnn[plots]'")
     data, desc = load_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed,
                               classes="any" if finetune else EMOTIONS)
-    print(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
-          f"{len(data['test'][1])} test images", file=sys.stderr)
+    say(f"data: {desc}: {len(data['train'][1])} train / {len(data['val'][1])} validation / "
+        f"{len(data['test'][1])} test images")
     if builtin:
-        print("no --data or $MINICNN_DATA given: training on the built-in synthetic faces "
-              "(see the README for FER2013)", file=sys.stderr)
-    trainer = Trainer(data, recipe, out_dir=args.out, device=args.device, data_description=desc,
-                      progress=not args.no_progress, cuda_graph=args.cuda_graph, overwrite=args.overwrite)
+        say("no --data or $MINICNN_DATA given: training on the built-in synthetic faces (see the README for FER2013)")
+    options = dict(out_dir=args.out, device=args.device, data_description=desc, progress=not args.no_progress,
+                   cuda_graph=args.cuda_graph, overwrite=args.overwrite)
+    if comm is None:
+        trainer = Trainer(data, recipe, **options)
+    else:
+        from .distributed import DistributedTrainer
+        trainer = DistributedTrainer(data, recipe, comm=comm, bn=args.bn, **options)
     t0 = time.perf_counter()
     try:
         trainer.fit(resume=args.resume)
     except KeyboardInterrupt:
         return 130
     minutes = (time.perf_counter() - t0) / 60
-    report = trainer.evaluate("test", tta=args.tta)
+    report = trainer.evaluate("test", tta=args.tta)         # (a data-parallel run: sharded over the ranks)
     probs = report.pop("probs")
+    if not speaks:
+        return 0
     print(f"\ntest split ({'with' if args.tta else 'no'} test-time augmentation), best-by-validation weights:")
     classes = trainer.classes
     print(format_report(report, classes))
@@ -339,6 +379,12 @@ def build_parser():
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--cuda-graph", action="store_true",
                        help="with --device gpu: replay each training step as a CUDA graph (same results, less overhead)")
+        p.add_argument("--distributed", action="store_true",
+                       help="one data-parallel run over the processes started by mpiexec (the [distributed] "
+                            "extra): mpiexec -n N minicnn train --distributed; --batch-size is the global batch")
+        p.add_argument("--bn", default="local", choices=["local", "sync"],
+                       help="with --distributed: BatchNorm statistics of each rank's slice (local, the default) "
+                            "or of the global batch (sync: the same as one process)")
         p.set_defaults(func=_cmd_train, finetune=name == "finetune")
 
 

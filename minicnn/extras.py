@@ -4,6 +4,7 @@
     pip install 'minicnn[plots]'     # pictures: explain, visualize, training curves (matplotlib)
     pip install 'minicnn[onnx]'      # ONNX export (onnx) and running it (onnxruntime)
     pip install 'minicnn[apps]'      # faces in photos and video (OpenCV 4, whose wheels ship face detectors)
+    pip install 'minicnn[distributed]'  # data-parallel training: mpi4py and MPICH's mpiexec
     pip install 'minicnn[gpu]'       # CuPy for CUDA 12 (or pip install cupy-cuda13x for CUDA 13)
     pip install 'minicnn[all]'       # every extra that needs no particular hardware
 """
@@ -14,7 +15,8 @@ __all__ = ["MissingExtra", "require", "available", "EXTRAS"]
 
 # module -> (extra, what it is for)
 EXTRAS = {"matplotlib": ("plots", "pictures"), "cupy": ("gpu", "the GPU"), "onnx": ("onnx", "ONNX export"),
-          "onnxruntime": ("onnx", "running ONNX models"), "cv2": ("apps", "face detection and video")}
+          "onnxruntime": ("onnx", "running ONNX models"), "cv2": ("apps", "face detection and video"),
+          "mpi4py": ("distributed", "training on several processes")}
 
 
 def available(module):

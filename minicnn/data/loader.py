@@ -30,7 +30,10 @@ def normalize(images_uint8, mean, std, dtype=np.float32):
 
 class BatchLoader:
     def __init__(self, images, labels, batch_size, shuffle=False, augment=None, mean=0.5, std=0.25,
-                 seed=0, drop_last=False, device="cpu", prefetch=True):
+                 seed=0, drop_last=False, device="cpu", prefetch=True, dtype=np.float32, shard=(0, 1)):
+        """``shard=(rank, ranks)``: a data-parallel run's rank takes its slice of each global batch of
+        ``batch_size`` images (the same seeded order on every rank; slices differ by at most one image)
+        and loads only those; its augmentation draws from its own stream."""
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if len(images) == 0:
@@ -41,6 +44,14 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.augment = int(batch_size), bool(shuffle), augment
         self.mean, self.std, self.seed = float(mean), float(std), int(seed)
         self.drop_last, self.device, self.prefetch = drop_last, device, prefetch
+        self.dtype = np.dtype(dtype).type
+        rank, ranks = (int(v) for v in shard)
+        if not 0 <= rank < ranks:
+            raise ValueError(f"shard must be (rank, ranks) with 0 <= rank < ranks, got {shard}")
+        if ranks > self.batch_size:
+            raise ValueError(f"a global batch of {self.batch_size} images cannot be shared by {ranks} ranks: "
+                             f"use a batch size of at least {ranks}")
+        self.rank, self.ranks = rank, ranks
 
     def __len__(self):
         n = len(self.images)
@@ -51,11 +62,18 @@ class BatchLoader:
             return np.arange(len(self.images))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
 
+    def global_batch_len(self, b):
+        """How many images batch ``b`` has over all ranks."""
+        return min(self.batch_size, len(self.images) - b * self.batch_size)
+
     def _batch(self, order, epoch, b):
         idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-        x = to_device(normalize(self.images[idx], self.mean, self.std), self.device)
+        if self.ranks > 1:
+            idx = np.array_split(idx, self.ranks)[self.rank]          # this rank's slice
+        x = to_device(normalize(self.images[idx], self.mean, self.std, dtype=self.dtype), self.device)
         if self.augment is not None:
-            x = self.augment(x, np.random.default_rng([self.seed, epoch, b, 1]))
+            key = [self.seed, epoch, b, 1] + ([self.rank] if self.rank else [])   # (rank 0: a single process's)
+            x = self.augment(x, np.random.default_rng(key))
         return x, self.labels[idx]
 
     def epoch(self, epoch=0, start_batch=0):

@@ -167,7 +167,7 @@ def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="c
     try:
         with no_grad():        # nothing is kept for backward: the engines' leaner inference
             for i in range(0, len(images), batch_size):
-                x = normalize(images[i:i + batch_size], mean, std)
+                x = normalize(images[i:i + batch_size], mean, std, dtype=model.dtype.type)
                 views = [x]
                 if tta:
                     views.append(x[..., ::-1])
@@ -257,11 +257,12 @@ RUN_FILES = ("last.npz", "last.json", "best.npz", "best.json", "log.jsonl")
 
 class Trainer:
     def __init__(self, data, recipe=None, out_dir="runs/minicnn", device="cpu", data_description="",
-                 progress=True, log=None, cuda_graph=False, overwrite=False):
+                 progress=True, log=None, cuda_graph=False, overwrite=False, dtype="float32"):
         """``cuda_graph``: on the GPU, replay each training step as a CUDA graph (see
         :mod:`minicnn.engines.gpu.graph`; SGD with momentum, Adam, AdamW); the results are those of
         eager steps. ``overwrite``: a new run may replace the run already in ``out_dir`` (else
-        :meth:`fit` refuses, and ``fit(resume=True)`` continues it)."""
+        :meth:`fit` refuses, and ``fit(resume=True)`` continues it). ``dtype``: float32, or float64
+        for exact comparisons (the tests')."""
         if cuda_graph and normalize_device(device) != "gpu":
             raise ValueError("cuda_graph=True needs device='gpu'")
         if cuda_graph:
@@ -288,7 +289,10 @@ class Trainer:
             self.model = EmotionClassifier.from_pretrained(len(self.classes), r.init, dropout=r.dropout)
         else:
             self.model = EmotionClassifier(num_classes=len(self.classes), dropout=r.dropout)
-        self.model.freeze_features(r.freeze == "features").to(device)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        self.model.freeze_features(r.freeze == "features").to(device, dtype=self.dtype)
         if r.freeze == "features":
             if cuda_graph:
                 raise ValueError("--cuda-graph with frozen features is not supported: train without it")
@@ -311,7 +315,8 @@ class Trainer:
         self.criterion = CrossEntropyLoss(label_smoothing=r.label_smoothing)
         augment = Augment(**r.augment) if r.augment else None
         self.train_loader = BatchLoader(train_x, train_y, r.batch_size, shuffle=True, augment=augment,
-                                        mean=self.mean, std=self.std, seed=r.seed, drop_last=True, device=device)
+                                        mean=self.mean, std=self.std, seed=r.seed, drop_last=True, device=device,
+                                        dtype=self.dtype)
         if len(self.train_loader) == 0:
             raise ValueError(f"{len(train_x)} training images make no full batch of {r.batch_size}")
         self.schedule = make_schedule(r.schedule, r.lr, len(self.train_loader), r.epochs, r.warmup_epochs)
@@ -380,6 +385,7 @@ class Trainer:
         self.mean, self.std = meta["normalization"]["mean"], meta["normalization"]["std"]
         self.train_loader.mean, self.train_loader.std = self.mean, self.std
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
+        return meta
 
     # --- one epoch -----------------------------------------------------------------------------
     # On the GPU the loop reads the losses (and accuracy counts) of this many steps at a time: each
@@ -399,7 +405,7 @@ class Trainer:
                        unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
         p = self._partial
         pending = []          # (batch, lr, loss, number correct, batch size): still on the device
-        step = self._graph_step() or (lambda x, y: train_step(model, crit, opt, x, y, r.clip_grad_norm))
+        step = self._step_function()
 
         def read_pending():
             for batch, lr, loss, correct, n in pending:
@@ -423,14 +429,14 @@ class Trainer:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
                 loss, correct = step(x, y)            # eager, or replayed as a CUDA graph
-                pending.append((self.batch, opt.lr, loss, correct, len(y)))
+                pending.append((self.batch, opt.lr, loss, correct, self._images_in(y)))
                 if len(pending) >= read_every:
                     read_pending()
                 self.batch += 1
                 now = time.perf_counter()
                 p["seconds"] += now - t_last
                 t_last = now
-                if self._stop_requested:          # Ctrl-C: stop between steps, never inside one
+                if self._stop_agreed():           # Ctrl-C: stop between steps, never inside one
                     read_pending()
                     raise KeyboardInterrupt
             read_pending()
@@ -438,14 +444,25 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
-    def _graph_step(self):
+    def _step_function(self):
+        """(x, y) -> (loss, number right): one eager training step, or one replay of a CUDA graph."""
         if not self.cuda_graph:
-            return None
+            r = self.recipe
+            return lambda x, y: train_step(self.model, self.criterion, self.optimizer, x, y, r.clip_grad_norm)
         if getattr(self, "_cuda_graph_step", None) is None:
             from ..engines.gpu.graph import CudaGraphStep
             self._cuda_graph_step = CudaGraphStep(self.model, self.criterion, self.optimizer,
                                                   clip_grad_norm=self.recipe.clip_grad_norm)
         return self._cuda_graph_step
+
+    # (What a data-parallel run changes: minicnn.distributed.DistributedTrainer.)
+    def _images_in(self, y):
+        """How many images a step's loss and count of right answers stand for."""
+        return len(y)
+
+    def _stop_agreed(self):
+        """Stop after this step? (Ctrl-C or request_stop.)"""
+        return self._stop_requested
 
     def _validate(self, split="val"):
         x, y = self.data[split]
@@ -526,8 +543,9 @@ class Trainer:
             if improved:                       # best first: last.npz, written next, already says it is best
                 self.save("best.npz")
             self.save("last.npz")
-            with open(log_path, "a") as f:    # (rewritten from last.npz's history on --resume)
-                f.write(json.dumps(row) + "\n")
+            if log_path is not None:           # (rewritten from last.npz's history on --resume)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             self.log(f"epoch {row['epoch']}/{self.recipe.epochs}: train loss {row['train_loss']:.3f} "
                      f"acc {row['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f}"
                      f"{' (best)' if improved else ''} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
