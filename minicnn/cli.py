@@ -9,6 +9,7 @@
     minicnn gradcheck [--path textbook|cpu|gpu]                             the textbook and every engine, checked
     minicnn explain IMAGE / minicnn visualize [IMAGE]                       saliency, Grad-CAM, filters, maps
     minicnn bench [--quick] ...                                             minicnn vs PyTorch on this machine
+    minicnn bench --distributed                                             1 vs 2 data-parallel ranks, all-reduce cost
     minicnn cache [--clear]                                                 where compiled kernels and data are cached
 
 Without ``--data`` the dataset is taken from ``$MINICNN_DATA``; if that is not
@@ -306,6 +307,9 @@ def _cmd_bench(args):
     if "--faces" in args.bench_args:
         from .benchmarks.faces import main as faces_main
         return faces_main([a for a in args.bench_args if a != "--faces"])
+    if "--distributed" in args.bench_args:
+        from .benchmarks.distributed import main as distributed_main
+        return distributed_main([a for a in args.bench_args if a != "--distributed"])
     if "--video" in args.bench_args:
         from .benchmarks.video import main as video_main
         return video_main([a for a in args.bench_args if a != "--video"])

@@ -407,3 +407,14 @@ def test_mpiexec_two_gpus_nccl(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.load(open(tmp_path / "result.json"))
     assert not any(result["outside_rtol"].values()), result["outside_rtol"]
+
+
+@needs_mpi
+def test_benchmark_scaling_rows(tmp_path):
+    from minicnn.benchmarks.distributed import format_table, run
+    result = run(ranks=(1, 2), batch_size=16, steps=2)
+    assert [r["ranks"] for r in result["rows"]] == [1, 2]
+    two = result["rows"][1]
+    assert two["buffer_mb"] == pytest.approx(1572551 * 4 / 1e6 + 8 / 1e6)
+    assert two["allreduce_ms"] > 0 and two["ms_per_step"] > two["allreduce_ms"]
+    assert "| 2 x 1 |" in format_table(result)

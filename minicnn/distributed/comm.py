@@ -125,7 +125,13 @@ class NCCLCommunicator:
     rank rank 0's NCCL id. Choose the GPU (``select_gpu``) before making one."""
 
     def __init__(self, host=None):
-        from cupy.cuda import nccl
+        try:
+            from cupy.cuda import nccl
+            if not getattr(nccl, "available", True):
+                raise ImportError("CuPy cannot load NCCL")
+        except ImportError as exc:
+            raise RuntimeError(f"data-parallel training on GPUs needs NCCL ({exc}): pip install nvidia-nccl-cu12 "
+                               "(or -cu13, to match CuPy)") from None
         self.host = host or MPICommunicator()
         self.rank, self.size = self.host.rank, self.host.size
         self.local_rank, self.local_size = self.host.local_rank, self.host.local_size
