@@ -290,3 +290,20 @@ def test_shipped_weights_on_real_fer2013_faces():
     idx = np.random.default_rng(0).permutation(len(y))[:800]
     acc = (EmotionPredictor().predict(x[idx]).argmax(1) == y[idx]).mean()
     assert acc > 0.6, acc
+
+
+def test_progress_rate_leaves_out_the_warm_up_step_and_the_time_between_epochs():
+    from minicnn.training.trainer import RecentRate
+    rate = RecentRate(window=50)
+    rate.start(0.0)
+    rate.step_done(64, now=10.0)                  # the first step compiles: 10 s
+    assert rate.rate() is None
+    rate.step_done(64, now=10.1)
+    assert rate.rate() is None                    # one timed step: not yet
+    for i in range(2, 6):
+        rate.step_done(64, now=10.0 + 0.1 * i)
+    assert rate.rate() == pytest.approx(640)      # 64 images per 0.1 s, the 10 s left out
+    rate.start(100.0)                             # the next epoch, after a long validation
+    rate.step_done(64, now=100.1)
+    rate.step_done(64, now=100.2)
+    assert rate.rate() == pytest.approx(640)

@@ -38,7 +38,41 @@ from .checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, r
 from .metrics import classification_report
 from .schedules import make_schedule
 
-__all__ = ["Recipe", "Trainer", "TrainingDiverged", "predict_proba", "load_model", "clip_grad_norm", "train_step"]
+__all__ = ["Recipe", "Trainer", "TrainingDiverged", "RecentRate", "predict_proba", "load_model", "clip_grad_norm", "train_step"]
+
+
+class RecentRate:
+    """Images per second over the last ``window`` steps of this epoch, for the progress bar.
+
+    The first step a process runs is left out (it compiles kernels and fills caches: seconds, where
+    a step takes milliseconds), so is the time between epochs (validation, saving), and nothing is
+    shown until two steps have been timed."""
+
+    def __init__(self, window=50):
+        from collections import deque
+        self.marks = deque(maxlen=window + 1)      # (time, images trained so far)
+        self.images, self.warm = 0, False
+
+    def start(self, now=None):
+        """The epoch's steps begin now."""
+        self.marks.clear()
+        if self.warm:
+            self.marks.append((time.perf_counter() if now is None else now, self.images))
+
+    def step_done(self, images, now=None):
+        self.images += images
+        self.marks.append((time.perf_counter() if now is None else now, self.images))
+        if not self.warm:                          # the warm-up step: timing starts at its end
+            self.warm = True
+            self.marks.clear()
+            self.marks.append((time.perf_counter() if now is None else now, self.images))
+
+    def rate(self):
+        """Images per second, or None until two steps have been timed."""
+        if len(self.marks) < 3:
+            return None
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 class TrainingDiverged(RuntimeError):
@@ -420,22 +454,27 @@ class Trainer:
                 p["seen"] += n
             if bar is not None and pending:
                 bar.update(len(pending))
+                images_per_s = rate.rate()
                 bar.set_postfix(loss=f"{p['loss'] / p['seen']:.3f}", acc=f"{p['correct'] / p['seen']:.3f}",
-                                lr=f"{opt.lr:.2g}", img_s=f"{p['seen'] / max(p['seconds'], 1e-9):.0f}")
+                                lr=f"{opt.lr:.2g}", img_s="..." if images_per_s is None else f"{images_per_s:.0f}")
             pending.clear()
 
         t_last = time.perf_counter()
+        rate = self.__dict__.setdefault("_rate", RecentRate())     # (kept across epochs: warm only once)
+        rate.start(t_last)
         try:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
                 loss, correct = step(x, y)            # eager, or replayed as a CUDA graph
-                pending.append((self.batch, opt.lr, loss, correct, self._images_in(y)))
+                images = self._images_in(y)
+                pending.append((self.batch, opt.lr, loss, correct, images))
                 if len(pending) >= read_every:
                     read_pending()
                 self.batch += 1
                 now = time.perf_counter()
                 p["seconds"] += now - t_last
                 t_last = now
+                rate.step_done(images, now)
                 if self._stop_agreed():           # Ctrl-C: stop between steps, never inside one
                     read_pending()
                     raise KeyboardInterrupt
