@@ -418,3 +418,40 @@ def test_benchmark_scaling_rows(tmp_path):
     assert two["buffer_mb"] == pytest.approx(1572551 * 4 / 1e6 + 8 / 1e6)
     assert two["allreduce_ms"] > 0 and two["ms_per_step"] > two["allreduce_ms"]
     assert "| 2 x 1 |" in format_table(result)
+
+
+def test_ranks_on_the_gpu_path_equal_one_process(gpu, tmp_path):
+    """The same equality with device arrays (CuPy, or the emulator): the flat buffer, SyncBatchNorm2d,
+    the sharded loader and evaluation on the GPU. Ranks are threads here, so the layers run as the
+    textbook: the GPU engine keeps per-process state (one cuBLAS handle and workspace per device) and
+    is meant for one process per GPU, which the two-GPU mpiexec test below runs."""
+    data = small_data()
+    recipe = Recipe(epochs=1, batch_size=10, dropout=0.0, augment=None, lr=0.05)
+
+    def rank(comm):
+        tr = DistributedTrainer(data, recipe, comm=comm, bn="sync", out_dir=str(tmp_path / "dp"), progress=False,
+                                dtype="float64", device="gpu", log=lambda m: None)
+        tr.fit()
+        return tr
+    with engines.using("textbook"):
+        trainers = ThreadGroup(2).run(rank)
+        one = Trainer(data, recipe, out_dir=str(tmp_path / "one"), progress=False, dtype="float64", device="gpu",
+                      log=lambda m: None)
+        one.fit()
+    for tr in trainers:
+        assert_same_weights(one.model.state_dict(), tr.model.state_dict(), rtol=1e-9)
+
+
+@needs_mpi
+def test_mpiexec_cli_error_on_one_rank_ends_the_job(tmp_path):
+    """MPMD launch: rank 1 is given a data folder that does not exist; rank 0 would wait for it in
+    the first collective, and must be ended instead."""
+    common = ["-m", "minicnn", "train", "--distributed", "--epochs", "1", "--out", str(tmp_path / "run"),
+              "--no-progress"]
+    t0 = time.perf_counter()
+    run = subprocess.run([_mpiexec(), "-n", "1", sys.executable, *common, ":", "-n", "1", sys.executable, *common,
+                          "--data", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PMI_SIZE"}, cwd=HERE)
+    assert run.returncode != 0
+    assert "error (rank 1 of 2)" in run.stderr and "missing" in run.stderr
+    assert time.perf_counter() - t0 < 60
