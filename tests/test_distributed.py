@@ -455,3 +455,20 @@ def test_mpiexec_cli_error_on_one_rank_ends_the_job(tmp_path):
     assert run.returncode != 0
     assert "error (rank 1 of 2)" in run.stderr and "missing" in run.stderr
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_replica_that_drifted_is_reported_and_replaced_by_rank_0s(tmp_path):
+    logs = []
+
+    def rank(comm):
+        tr = DistributedTrainer(small_data(), Recipe(epochs=1, batch_size=8), comm=comm, out_dir=str(tmp_path),
+                                progress=False, log=logs.append)
+        agreed = tr.check_replicas()
+        if comm.rank == 1:
+            tr.model.features[0].weight.data[0, 0, 0, 0] += 1e-3
+        drifted = tr.check_replicas()
+        return agreed, drifted, tr.model.features[0].weight.data.copy()
+    (a0, d0, w0), (a1, d1, w1) = ThreadGroup(2).run(rank)
+    assert a0 and a1 and not d0 and not d1
+    np.testing.assert_array_equal(w0, w1)
+    assert any("replicas differ" in m for m in logs)

@@ -62,11 +62,10 @@ class FlatGradients:
         return self.buffer
 
 
-def flat_state(model):
-    """One buffer with every parameter and buffer of ``model`` (for broadcasting and comparing
-    replicas), and a function that writes such a buffer back."""
-    arrays = [p.data for p in model.parameters()] + [b for _, b in model.named_buffers()
-                                                      if np.dtype(b.dtype).kind == "f"]
+def flat_copy(arrays):
+    """One float64 buffer holding every array of ``arrays`` (for broadcasting and comparing
+    replicas), and a function that writes such a buffer back into them, in place."""
+    arrays = list(arrays)
     xp = get_array_module(arrays[0])
     flat = xp.concatenate([a.reshape(-1).astype(np.float64) for a in arrays])
 

@@ -36,7 +36,8 @@ from ..training.trainer import Trainer, clip_grad_norm, load_model, predict_prob
 from .. import engines
 from ..backend import device_of, to_device, to_numpy
 from .batchnorm import convert_sync_batchnorm
-from .gradients import FlatGradients, flat_state
+from .comm import SingleProcess
+from .gradients import FlatGradients, flat_copy
 
 __all__ = ["DistributedTrainer", "distributed_train_step", "BN_MODES"]
 
@@ -72,6 +73,7 @@ class DistributedTrainer(Trainer):
         if kwargs.get("cuda_graph"):
             raise ValueError("--cuda-graph with --distributed is not supported yet: the graph would have to "
                              "capture the NCCL all-reduce; train without --cuda-graph")
+        comm = comm or SingleProcess()
         self.comm, self.bn = comm, bn
         self.rank, self.ranks = comm.rank, comm.size
         if self.rank != 0:                                   # rank 0 alone speaks
@@ -80,7 +82,7 @@ class DistributedTrainer(Trainer):
         with _building:        # (ranks that are threads of one process share minicnn's seed sequence)
             super().__init__(data, recipe, **kwargs)
         r = self.recipe
-        self.criterion_check()
+        self._check_criterion()
         # The same data on every rank, or a clear error (not a silently different model).
         prints = comm.allgather_object(self.data_fingerprint)
         if len(set(prints)) != 1:
@@ -88,7 +90,7 @@ class DistributedTrainer(Trainer):
                                   "same --data, --val-fraction and --seed")
         if bn == "sync":
             convert_sync_batchnorm(self.model, comm)
-        self._broadcast_model()
+        self._broadcast_replica()
         self._seed_rank_streams()
         train_x, train_y = data["train"]
         augment = Augment(**r.augment) if r.augment else None
@@ -99,17 +101,24 @@ class DistributedTrainer(Trainer):
         self._stop_flag = np.zeros(1, dtype=np.int64)
         self.log(f"data-parallel: {self.ranks} ranks ({comm.name}), global batch {r.batch_size} "
                  f"({-(-r.batch_size // self.ranks)} or fewer images per rank), BatchNorm {bn}, one all-reduce "
-                 f"of {self.grads.nbytes / 2**20:.1f} MB per step")
+                 f"of {self.grads.nbytes / 1e6:.1f} MB per step")
 
-    def criterion_check(self):
+    def _check_criterion(self):
         if not isinstance(self.criterion, CrossEntropyLoss) or self.criterion.weight is not None:
             raise ValueError("data-parallel training scales an unweighted mean loss; a class-weighted loss "
                              "is not supported")
 
     # --- replicas --------------------------------------------------------------------------
-    def _broadcast_model(self):
+    def _replica_arrays(self):
+        """What must be the same on every rank: parameters, float buffers, optimizer state."""
+        arrays = [p.data for p in self.model.parameters()]
+        arrays += [b for _, b in self.model.named_buffers() if b.dtype.kind == "f"]
+        arrays += [v for state in self.optimizer.state for v in state.values() if hasattr(v, "shape")]
+        return arrays
+
+    def _broadcast_replica(self):
         """Every rank built the same model from the same seed; rank 0's copy wins, to be sure."""
-        flat, write_back = flat_state(self.model)
+        flat, write_back = flat_copy(self._replica_arrays())
         write_back(self.comm.bcast(flat, root=0))
 
     def _seed_rank_streams(self):
@@ -121,12 +130,17 @@ class DistributedTrainer(Trainer):
                 m.rng = np.random.default_rng([self.recipe.seed, self.rank, i])
 
     def check_replicas(self):
-        """Raise if the replicas' weights have drifted apart (they never should)."""
-        flat, _ = flat_state(self.model)
-        total = float(to_numpy(flat).sum()), float(np.abs(to_numpy(flat)).sum())
-        seen = self.comm.allgather_object(total)
-        if any(s != seen[0] for s in seen):
-            raise RuntimeError(f"the ranks' weights differ (checksums {seen}): the replicas drifted apart")
+        """Every rank's replica should be bit-identical (the same summed gradients, the same update).
+        If one is not, say so and copy rank 0's to every rank, so the run goes on as one model.
+        Returns True when they agreed."""
+        flat, _ = flat_copy(self._replica_arrays())
+        flat = to_numpy(flat)
+        seen = self.comm.allgather_object((float(flat.sum()), float(np.abs(flat).sum())))
+        if all(s == seen[0] for s in seen):
+            return True
+        self.log(f"warning: the ranks' replicas differ (checksums {seen}); every rank now continues from rank 0's")
+        self._broadcast_replica()
+        return False
 
     def _average_batchnorm_statistics(self):
         """bn='local': every rank's running statistics := their mean over the ranks."""
