@@ -28,6 +28,7 @@ from .backend import DeviceError, get_array_module, gpu_available  # noqa: E402
 from .engines import engine  # noqa: E402
 from .nn import is_grad_enabled, no_grad  # noqa: E402
 from .rng import manual_seed  # noqa: E402
+from .inference_session import InferenceSession  # noqa: E402
 
 __all__ = ["nn", "engines", "engine", "optim", "models", "gradcheck", "backend", "get_array_module", "gpu_available",
-           "DeviceError", "manual_seed", "no_grad", "is_grad_enabled", "__version__"]
+           "DeviceError", "manual_seed", "no_grad", "is_grad_enabled", "InferenceSession", "__version__"]

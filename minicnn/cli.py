@@ -152,7 +152,8 @@ def _cmd_evaluate(args):
                            f"({', '.join(classes)})")
     x, y = data[args.split]
     norm = meta["normalization"]
-    probs = predict_proba(model, x, norm["mean"], norm["std"], tta=args.tta, device=args.device)
+    probs = predict_proba(model, x, norm["mean"], norm["std"], tta=args.tta, device=args.device,
+                          session=model.compile_inference())
     report = classification_report(y, probs.argmax(1), classes)
     print(f"weights: {path}\ndata: {desc}, split '{args.split}' ({len(y)} images), "
           f"test-time augmentation {'on' if args.tta else 'off'}\n")

@@ -24,7 +24,8 @@ def load_face(path):
 
 
 class EmotionPredictor:
-    """Weights plus the exact preprocessing they were trained with."""
+    """Weights plus the exact preprocessing they were trained with, compiled for prediction
+    (:class:`~minicnn.InferenceSession`: BatchNorm folded, memory kept between calls)."""
 
     def __init__(self, weights=None, device="cpu"):
         if weights is None:
@@ -35,6 +36,7 @@ class EmotionPredictor:
         self.classes = tuple(self.meta.get("classes") or ())
         norm = self.meta["normalization"]
         self.mean, self.std = float(norm["mean"]), float(norm["std"])
+        self.session = self.model.compile_inference()
 
     def predict(self, faces, tta=False):
         """uint8 faces (48, 48) or (N, 48, 48) -> probabilities (N, num_classes)."""
@@ -43,7 +45,7 @@ class EmotionPredictor:
             faces = faces[None]
         if faces.ndim != 3 or faces.shape[1:] != (48, 48):
             raise ValueError(f"expected faces of shape (48, 48) or (N, 48, 48), got {faces.shape}")
-        return predict_proba(self.model, faces, self.mean, self.std, tta=tta, device=self.device)
+        return predict_proba(self.model, faces, self.mean, self.std, tta=tta, device=self.device, session=self.session)
 
     def input_tensor(self, faces):
         """The float32 (N, 1, 48, 48) array the model sees for these faces."""

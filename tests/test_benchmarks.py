@@ -13,22 +13,30 @@ def test_flop_counts_match_the_network():
 
 
 def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
-    names = ["minicnn-plain", "minicnn-fast", "torch-cpu", "torch-cpu-cl"]
+    names = ["minicnn-plain", "minicnn-fast", "minicnn-session", "torch-cpu", "torch-cpu-cl", "onnxruntime-cpu"]
     backends = [b for b in bench.all_backends() if b.name in names]
     report = bench.run(batch_sizes=(2,), repeats=2, warmup=1, layers=True, memory=False,
-                       backends=backends, out=str(tmp_path))
+                       backends=backends, out=str(tmp_path), latency=(2, 5))
     saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     assert (tmp_path / "latest.png").stat().st_size > 1000
     have_torch = bench._torch() is not None
-    expected = {"minicnn-plain", "minicnn-fast"} | ({"torch-cpu", "torch-cpu-cl"} if have_torch else set())
+    have_ort = bench.OnnxRuntimeBackend().available()
+    expected = ({"minicnn-plain", "minicnn-fast", "minicnn-session"} | ({"torch-cpu", "torch-cpu-cl"} if have_torch
+                else set()) | ({"onnxruntime-cpu"} if have_ort else set()))
     assert {r["backend"] for r in report["results"]} == expected
+    inference_only = {"minicnn-session", "onnxruntime-cpu"}
     for r in report["results"]:
-        assert r["what"] in ("train", "infer") and r["batch"] == 2
+        if r["what"] == "latency":            # batch 1, one call at a time: median and 99th percentile
+            assert r["batch"] == 1 and r["repeats"] == 10 and r["p99_ms"] >= r["median_ms"] > 0
+        else:
+            assert r["what"] in ("train", "infer") and r["batch"] == 2
+            assert not (r["what"] == "train" and r["backend"] in inference_only)
         assert r["median_ms"] > 0 and math.isfinite(r["images_per_s"])
-        assert 0 < r["gemm_frac"] < 1.5
+        assert 0 < r["gemm_frac"] < 1.5 or r["backend"] == "onnxruntime-cpu"
         if have_torch:
             assert r["ratio_torch_cpu"] > 0 and r["ratio_torch_cpu_cl"] > 0
+    assert {r["backend"] for r in report["results"] if r["what"] == "latency"} == expected
     assert report["sgemm_gflops"] > 0
     layers = {(r["layer"], r["backend"]) for r in report["layers"]}
     assert ("conv2", "minicnn-fast") in layers and ("fc1", "minicnn-plain") in layers

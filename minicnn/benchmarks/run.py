@@ -8,8 +8,11 @@
 (``python -m minicnn.benchmarks`` is the same; so is ``python -m benchmarks`` in a source checkout.)
 
 Times the EmotionClassifier's training step (forward, loss, backward, SGD
-momentum update) and inference (eval-mode forward) for every backend that is
-available: minicnn's textbook layers (minicnn-plain), its CPU engine (minicnn-fast), on a GPU its
+momentum update), inference (eval-mode forward) and the latency of one image at a
+time (batch 1: median and 99th percentile of 300 calls) for every backend that is
+available: minicnn's textbook layers (minicnn-plain), its CPU engine (minicnn-fast), its
+InferenceSession (minicnn-session: inference only), onnxruntime running minicnn's ONNX export
+(onnxruntime-cpu: inference only), on a GPU its
 textbook layers, its GPU engine and its CUDA-graph step (each with float32 products, and with TF32 as
 PyTorch's cuDNN convolutions use by default), PyTorch CPU (NCHW and channels_last)
 and PyTorch CUDA (eager: its default, TF32 convolutions, and torch-cuda-fp32 without).
@@ -117,8 +120,9 @@ class Backend:
 
 
 class MinicnnBackend(Backend):
-    def __init__(self, name, device, fast, graph=False, tf32=False):
+    def __init__(self, name, device, fast, graph=False, tf32=False, session=False):
         self.name, self.device, self.fast, self.graph, self.tf32 = name, device, fast, graph, tf32
+        self.session = session           # inference only, through model.compile_inference()
 
     def available(self):
         if self.device == "cpu":
@@ -177,6 +181,9 @@ class MinicnnBackend(Backend):
                 model.eval()
                 return model(x)
 
+        if self.session:
+            session = model.eval().compile_inference()
+            return None, lambda: session.run(x)
         return train_step, infer
 
     def layer_jobs(self, lname, batch):
@@ -274,10 +281,39 @@ class TorchBackend(Backend):
         return train_step, infer
 
 
+class OnnxRuntimeBackend(Backend):
+    """The same network exported by minicnn (minicnn.onnx_export), run by onnxruntime: inference only."""
+    name = "onnxruntime-cpu"
+
+    def available(self):
+        from minicnn.extras import available
+        return available("onnx") and available("onnxruntime")
+
+    def info(self):
+        import onnxruntime
+        return {"onnxruntime": onnxruntime.__version__}
+
+    def prepare(self, batch, seed=0):
+        import onnxruntime
+        from minicnn.onnx_export import to_onnx
+        minicnn.manual_seed(seed)
+        model = EmotionClassifier().eval()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        from minicnn.data import EMOTIONS
+        graph = to_onnx(model, EMOTIONS, 0.5, 0.25)
+        sess = onnxruntime.InferenceSession(graph.SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(seed).standard_normal((batch, 1, 48, 48)).astype(np.float32)
+        name = sess.get_inputs()[0].name
+        return None, lambda: sess.run(None, {name: x})
+
+
 def all_backends():
     return [
         MinicnnBackend("minicnn-plain", "cpu", fast=False),
         MinicnnBackend("minicnn-fast", "cpu", fast=True),
+        MinicnnBackend("minicnn-session", "cpu", fast=True, session=True),
         MinicnnBackend("minicnn-cupy-plain", "gpu", fast=False),
         MinicnnBackend("minicnn-cupy", "gpu", fast=True),
         MinicnnBackend("minicnn-cupy-tf32", "gpu", fast=True, tf32=True),
@@ -287,6 +323,7 @@ def all_backends():
         TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
         TorchBackend("torch-cuda", "cuda", channels_last=False),
         TorchBackend("torch-cuda-fp32", "cuda", channels_last=False, tf32_convs=False),
+        OnnxRuntimeBackend(),
     ]
 
 
@@ -402,7 +439,7 @@ def _worker(conn, name):
                 reply = backend.info()
             elif msg[0] == "model":
                 train, infer = backend.prepare(msg[1])
-                jobs = {"train": train, "infer": infer}
+                jobs = {k: v for k, v in (("train", train), ("infer", infer)) if v is not None}
                 reply = list(jobs)
             elif msg[0] == "layer":
                 jobs = backend.layer_jobs(msg[1], msg[2])
@@ -512,20 +549,22 @@ def format_table(results, gemm):
 
     gpu = any(r.get("ratio_torch_cuda") for r in results)
     fp32 = any(r.get("ratio_torch_cuda_fp32") for r in results)
-    lines = [f"{'batch':>5}  {'what':<6} {'backend':<24}{'median ms':>10}{'images/s':>10}"
+    lines = [f"{'batch':>5}  {'what':<7} {'backend':<24}{'median ms':>10}{'p99 ms':>8}{'images/s':>10}"
              f"{'vs torch':>10}{'vs torch-cl':>12}{'GEMM bound':>11}"
              + (f"{'vs torch-cuda':>14}" if gpu else "") + (f"{'vs torch-cuda-fp32':>19}" if fp32 else "")
              + (f"{'FER epoch':>10}" if gpu else "")]
     for r in results:
         frac = f"{r['gemm_frac']:.0%}" if r.get("gemm_frac") else "-"
         epoch = f"{FER2013_TRAIN / r['images_per_s']:.1f} s" if r["what"] == "train" else "-"
-        lines.append(f"{r['batch']:>5}  {r['what']:<6} {r['backend']:<24}{r['median_ms']:>10.2f}"
+        p99 = f"{r['p99_ms']:.2f}" if r.get("p99_ms") else "-"
+        lines.append(f"{r['batch']:>5}  {r['what']:<7} {r['backend']:<24}{r['median_ms']:>10.2f}{p99:>8}"
                      f"{r['images_per_s']:>10.0f}{ratio(r.get('ratio_torch_cpu')):>10}"
                      f"{ratio(r.get('ratio_torch_cpu_cl')):>12}{frac:>11}"
                      + (f"{ratio(r.get('ratio_torch_cuda')):>14}" if gpu else "")
                      + (f"{ratio(r.get('ratio_torch_cuda_fp32')):>19}" if fp32 else "")
                      + (f"{epoch:>10}" if gpu else ""))
-    lines.append(f"(ratio = median time / PyTorch's median time in the same run: below 1 is faster;"
+    lines.append(f"(latency = one image per call, {max([r['repeats'] for r in results if r['what'] == 'latency'] or [0])}"
+                 f" calls; ratio = median time / PyTorch's median time in the same run: below 1 is faster;"
                  f" GEMM bound = time the step's FLOPs take at the sgemm rate measured in this run,"
                  f" {gemm:.0f} GFLOP/s, over the step's time"
                  + ("; FER epoch = 28,709 training images at that rate)" if gpu else ")"))
@@ -571,12 +610,12 @@ def machine_info(workers):
 
 
 def run(batch_sizes=(64, 128), repeats=15, warmup=3, layers=True, memory=True, backends=None, out=RESULTS,
-        chart=True, prefix="", steady=True):
+        chart=True, prefix="", steady=True, latency=True):
     """Run the suite; ``backends``: names or Backend objects (default: all that are available);
     files are written as ``<prefix>latest.json`` etc."""
     names = [getattr(b, "name", b) for b in (backends or all_backends())]
     with Workers(names) as workers:
-        report = _run(workers, batch_sizes, repeats, warmup, layers, steady)
+        report = _run(workers, batch_sizes, repeats, warmup, layers, steady, latency)
         report["machine"] = machine_info(workers)
         if workers.failed:
             report["failed"] = workers.failed
@@ -616,9 +655,35 @@ def add_ratios(results, gemm):
             r["gemm_frac"] = r["flop"] / (gemm * 1e9) / (r["median_ms"] / 1e3)
 
 
-def _run(workers, batch_sizes, repeats, warmup, layers, steady=True):
+def latency_rows(workers, rounds=15, calls=20, warmup=20):
+    """Batch-1 inference latency: ``rounds`` rounds in which every backend makes ``calls`` calls back
+    to back (each timed on its own), backends taking turns; rows with the median and the 99th
+    percentile of all calls."""
+    jobs = {name: workers.ask_or_drop(name, "model", 1) for name in list(workers.available)}
+    jobs = {name: ["infer"] for name, names in jobs.items() if names and "infer" in names}
+    times = {name: [] for name in jobs}
+    for name in jobs:
+        workers.ask_or_drop(name, "run", "infer", warmup)
+    for _ in range(rounds):
+        for name in jobs:
+            if name in workers.available:
+                times[name] += workers.ask_or_drop(name, "run", "infer", calls, 1) or []
+    rows = []
+    for name, ts in times.items():
+        if ts and name in workers.available:
+            med = float(np.median(ts))
+            rows.append(dict(backend=name, what="latency", batch=1, median_ms=1e3 * med,
+                             p99_ms=1e3 * float(np.percentile(ts, 99)), images_per_s=1 / med, repeats=len(ts),
+                             flop=FORWARD_FLOP))
+    return rows
+
+
+def _run(workers, batch_sizes, repeats, warmup, layers, steady=True, latency=True):
     gemm_before = sgemm_rate()
     results = []
+    if latency:          # True, or (rounds, calls per round)
+        results += latency_rows(workers, *(latency if isinstance(latency, tuple) else ()))
+        print("batch 1 latency: done", file=sys.stderr)
     for batch in batch_sizes:
         jobs = {name: workers.ask_or_drop(name, "model", batch) for name in list(workers.available)}
         jobs = {name: names for name, names in jobs.items() if names}
@@ -652,6 +717,7 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=None,
                    help="names to run (default: all available): " + ", ".join(b.name for b in all_backends()))
     p.add_argument("--no-layers", action="store_true")
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency rows")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--cold", action="store_true",
                    help="time each backend's first step after its idle wait (default: a steady step, one "
@@ -672,7 +738,7 @@ def main(argv=None):
     light = args.quick or args.gpu
     report = run(batches, repeats, args.warmup, layers=not (light or args.no_layers),
                  memory=not (light or args.no_memory), backends=backends, out=args.out,
-                 prefix="gpu-" if args.gpu else "", steady=not args.cold)
+                 prefix="gpu-" if args.gpu else "", steady=not args.cold, latency=not args.no_latency)
     m = report["machine"]
     print(f"minicnn {m['minicnn']} | {m.get('cpu', '?')}, {m['cpus']} cores | numpy {m['numpy']}"
           f" | torch {m.get('torch', '-')} | {report['date']}")

@@ -89,6 +89,12 @@ class EmotionClassifier(Module):
             return None
         return self.features.backward(d, input_grad=input_grad)
 
+    def compile_inference(self):
+        """An :class:`~minicnn.inference_session.InferenceSession` of this network as it is now: eval-mode
+        prediction with BatchNorm folded into the convs, prepared filters and kept memory."""
+        from ..inference_session import InferenceSession
+        return InferenceSession(self)
+
     def summary(self, batch_size=None, file=None):
         """Print (and return) a table of each layer's output shape and parameter count."""
         return summary(self, self.input_shape, batch_size=batch_size, file=file)

@@ -189,12 +189,14 @@ def _softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="cpu"):
+def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="cpu", session=None):
     """Class probabilities for uint8 images (N, 48, 48), in eval mode.
 
     With ``tta``, averages the probabilities over the image, its mirror, and
-    the image shifted by 2 pixels in each direction (6 views).
+    the image shifted by 2 pixels in each direction (6 views). ``session``: an
+    :class:`~minicnn.InferenceSession` of ``model`` to run instead of it (the predictor's).
     """
+    forward = model if session is None else session.run
     was_training = model.training
     model.eval()
     out = []
@@ -207,7 +209,7 @@ def predict_proba(model, images, mean, std, batch_size=256, tta=False, device="c
                     views.append(x[..., ::-1])
                     for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2)):
                         views.append(np.roll(x, (dy, dx), axis=(2, 3)))
-                probs = np.mean([_softmax(to_numpy(model(to_device(np.ascontiguousarray(v), device)))
+                probs = np.mean([_softmax(to_numpy(forward(to_device(np.ascontiguousarray(v), device)))
                                           .astype(np.float64)) for v in views], axis=0)
                 out.append(probs)
     finally:

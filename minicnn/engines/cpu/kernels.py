@@ -32,7 +32,7 @@ __all__ = ["nhwc", "from_nhwc", "im2col_nhwc", "im2col_nhwc_serial", "col2im_nhw
            "affine_channels", "affine_channels_2", "relu_forward", "relu_backward", "maxpool_forward",
            "maxpool_backward", "sgd_momentum_update", "sgd_momentum_update_serial", "bn_relu_pool_forward",
            "bn_relu_pool_forward_serial", "bn_relu_pool_grad_sums", "bn_relu_pool_grad_sums_serial",
-           "bn_relu_pool_backward", "bn_relu_pool_backward_serial"]
+           "bn_relu_pool_backward", "bn_relu_pool_backward_serial", "pool_bias_relu", "pool_bias_relu_serial"]
 
 _opts = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 # Serial twins of some kernels run in several Python threads at once (see blocks.py).
@@ -417,6 +417,51 @@ def bn_relu_pool_forward_serial(x, scale, shift, k, out, arg):
     """:func:`bn_relu_pool_forward` without threads (for the inference pipeline's worker threads)."""
     for r in range(out.shape[0] * out.shape[1]):
         _bn_relu_pool_row(x, scale, shift, k, out, arg, r)
+    return out
+
+
+# Inference with BatchNorm folded into the conv (minicnn/inference_session.py): what is left after
+# the conv is a per-channel bias, then ReLU, then max pooling. Adding a constant and ReLU are both
+# monotone, so pooling first gives the same numbers from a quarter of the additions:
+#     maxpool(relu(y + b)) = relu(maxpool(y) + b)
+# (a NaN in a window still wins and stays NaN, as in PyTorch).
+
+@njit(inline="always")
+def _pool_bias_relu_row(x, bias, k, out, r):
+    oh, ow, c = out.shape[1], out.shape[2], out.shape[3]
+    ni, y = r // oh, r % oh
+    zero = bias[0] * 0
+    for xo in range(ow):
+        o = out[ni, y, xo]
+        for ci in range(c):
+            o[ci] = x[ni, y * k, xo * k, ci]
+        for i in range(k):
+            for j in range(k):
+                if i == 0 and j == 0:
+                    continue
+                src = x[ni, y * k + i, xo * k + j]
+                for ci in range(c):
+                    v = src[ci]
+                    if v > o[ci] or (v != v and o[ci] == o[ci]):
+                        o[ci] = v
+        for ci in range(c):
+            v = o[ci] + bias[ci]
+            o[ci] = v if v > 0 or v != v else zero
+
+
+@njit(**_opts)
+def pool_bias_relu(x, bias, k, out):
+    """out = relu(maxpool_k(x) + bias) on NHWC (= maxpool_k(relu(x + bias)))."""
+    for r in prange(out.shape[0] * out.shape[1]):
+        _pool_bias_relu_row(x, bias, k, out, r)
+    return out
+
+
+@njit(**_serial)
+def pool_bias_relu_serial(x, bias, k, out):
+    """:func:`pool_bias_relu` without threads (for worker threads)."""
+    for r in range(out.shape[0] * out.shape[1]):
+        _pool_bias_relu_row(x, bias, k, out, r)
     return out
 
 

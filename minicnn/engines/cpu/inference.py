@@ -1,0 +1,158 @@
+"""The CPU engine's inference plan: what :class:`minicnn.InferenceSession` runs on NumPy arrays.
+
+It replaces, for eval-mode prediction only, every [Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d]
+block (BatchNorm folded into the conv by the session), Flatten, and every Linear (+ ReLU):
+
+* a conv block is a conv without bias (Winograd F(2x2, 3x3) or im2col + one matrix product) into
+  a buffer, then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
+* Flatten is free: the first Linear's columns were reordered for the channels-last feature map;
+* a Linear is one matrix product with the transposed weight made at compile time, then the bias
+  (and ReLU) in place.
+
+At batch 1 the work is small enough that starting threads costs more than some kernels' whole
+work, so the small ones run serially (``PARALLEL_MIN_VALUES``).
+
+Two ways to use the cores, chosen by the batch size:
+
+* **many images** (at least ``CHUNKED_MIN_IMAGES_PER_THREAD`` per thread): the batch is cut into
+  chunks and each thread takes its chunks through *every* conv block with serial kernels and a
+  one-thread BLAS -- one parallel region for the whole feature extractor, no serial section between
+  blocks, each chunk's activations staying in the thread's cache;
+* **one or a few images**: the blocks one after the other, each split *within* the images
+  (numba's parallel loops over output rows, the BLAS's own threads).
+
+Buffers are kept per batch size, so a steady stream of one size allocates nothing.
+"""
+import numpy as np
+
+from . import kernels as cpu
+from . import threads, winograd
+
+__all__ = ["CpuInference"]
+
+# Below this many values a kernel runs serially even on the within-image route: starting numba's
+# threads costs about 55 us, more than a small kernel's whole work (2 cores, batch 1: the pooling of
+# conv1's 18,432 values takes 15 us serially, 57 in parallel).
+PARALLEL_MIN_VALUES = 1 << 17
+
+
+class _Conv:
+    """One folded conv block: conv (no bias) -> + b' -> ReLU -> max pool k (stride k)."""
+
+    def __init__(self, w, b, stride, padding, pool, in_hw, dtype, winograd_min_channels):
+        oc, c, k, _ = w.shape
+        self.c, self.oc, self.k, self.stride, self.padding, self.pool = c, oc, k, stride, padding, pool
+        h, wd = in_hw
+        self.oh, self.ow = (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1
+        self.ph, self.pw = self.oh // pool, self.ow // pool
+        self.bias = np.array(b, dtype=dtype)                  # (copies: the session is a snapshot)
+        self.winograd = c >= winograd_min_channels and winograd.applies(k, stride, padding)
+        if self.winograd:
+            self.filters = np.array(winograd.filter_transform(np.asarray(w, dtype=dtype)), copy=True)  # (16, C, OC)
+        else:
+            self.filters = np.array(np.asarray(w, dtype=dtype).transpose(2, 3, 1, 0).reshape(k * k * c, oc), order="C")
+
+    def conv(self, x, y, parallel):
+        """y (N, OH, OW, OC) = conv of channels-last x (N, H, W, C), no bias."""
+        if self.winograd:
+            return winograd.conv3x3(x, self.filters, self.padding, y)
+        n = x.shape[0]
+        col = np.empty((n * self.oh * self.ow, self.k * self.k * self.c), x.dtype)
+        parallel = parallel and col.size >= PARALLEL_MIN_VALUES
+        (cpu.im2col_nhwc if parallel else cpu.im2col_nhwc_serial)(x, self.k, self.stride, self.padding,
+                                                                   self.oh, self.ow, col)
+        np.matmul(col, self.filters, out=y.reshape(-1, self.oc))
+        return y
+
+    def run(self, x, y, out, parallel):
+        self.conv(x, y, parallel)
+        parallel = parallel and y.size >= PARALLEL_MIN_VALUES
+        (cpu.pool_bias_relu if parallel else cpu.pool_bias_relu_serial)(y, self.bias, self.pool, out)
+        return out
+
+
+class _Linear:
+    def __init__(self, w, b, relu, dtype, from_nhwc=None):
+        w = np.asarray(w, dtype=dtype)
+        if from_nhwc is not None:            # columns in NCHW order -> NHWC order (what Flatten of NHWC gives)
+            c, h, wd = from_nhwc
+            w = w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        self.wt = np.array(w.T, order="C")                  # (in, out), a copy
+        self.bias = np.zeros(w.shape[0], dtype) if b is None else np.array(b, dtype=dtype)
+        self.relu = relu
+
+
+class CpuInference:
+    # Chunk the batch over threads (a thread takes whole images through all blocks) from this many
+    # images per thread; below it, split within images. EmotionClassifier, 2 cores: see the bench.
+    CHUNKED_MIN_IMAGES_PER_THREAD = 4
+    CHUNK_IMAGES = 8
+    WINOGRAD_MIN_CHANNELS = 16
+
+    def __init__(self, plan, input_shape, dtype):
+        self.dtype = np.dtype(dtype)
+        c, h, w = input_shape
+        self.input_shape = (c, h, w)
+        self.convs, self.linears = [], []
+        flat = None
+        for op in plan:
+            if op[0] == "conv":
+                if self.linears or flat is not None:
+                    raise ValueError("a conv block after Flatten or Linear")
+                if op[1].shape[1] != c:
+                    raise ValueError(f"a conv expecting {op[1].shape[1]} channels gets {c}")
+                block = _Conv(*op[1:], (h, w), self.dtype, self.WINOGRAD_MIN_CHANNELS)
+                self.convs.append(block)
+                c, h, w = block.oc, block.ph, block.pw
+            elif op[0] == "flatten":
+                flat = (c, h, w)
+            else:
+                _, weight, bias, relu = op
+                first = not self.linears
+                if first and flat is None:
+                    raise ValueError("a Linear before Flatten")
+                self.linears.append(_Linear(weight, bias, relu, self.dtype, from_nhwc=flat if first else None))
+        if not self.linears:
+            raise ValueError("the plan has no Linear")
+        self.feature_shape = (h, w, c)
+        self._buffers = {}
+
+    def _buffers_for(self, n):
+        bufs = self._buffers.get(n)
+        if bufs is None:
+            bufs = {"convs": [(np.empty((n, b.oh, b.ow, b.oc), self.dtype), np.empty((n, b.ph, b.pw, b.oc), self.dtype))
+                              for b in self.convs],
+                    "linears": [np.empty((n, lin.wt.shape[1]), self.dtype) for lin in self.linears]}
+            if len(self._buffers) >= 8:              # (a few batch sizes at most)
+                self._buffers.pop(next(iter(self._buffers)))
+            self._buffers[n] = bufs
+        return bufs
+
+    def _features(self, x, lo, hi, bufs, parallel):
+        h = x[lo:hi]
+        for block, (y, out) in zip(self.convs, bufs["convs"]):
+            h = block.run(h, y[lo:hi], out[lo:hi], parallel)
+        return h
+
+    def run(self, x):
+        """Logits (N, classes) for x (N, C, H, W) of the session's dtype (checked by the session)."""
+        n = x.shape[0]
+        bufs = self._buffers_for(n)
+        x_nhwc = x.reshape(n, *self.input_shape[1:], 1) if self.input_shape[0] == 1 else cpu.nhwc(x)
+        x_nhwc = np.ascontiguousarray(x_nhwc)
+        workers = threads.workers()
+        if n == 0:
+            return np.empty((0, self.linears[-1].wt.shape[1]), self.dtype)
+        if threads.available() and workers > 1 and n >= self.CHUNKED_MIN_IMAGES_PER_THREAD * workers:
+            chunk = min(self.CHUNK_IMAGES, -(-n // workers))
+            threads.run_chunks(lambda lo, hi: self._features(x_nhwc, lo, hi, bufs, False), n, chunk)
+        else:
+            self._features(x_nhwc, 0, n, bufs, True)
+        h = (bufs["convs"][-1][1] if self.convs else x_nhwc).reshape(n, -1)
+        for lin, out in zip(self.linears, bufs["linears"]):
+            np.matmul(h, lin.wt, out=out)
+            out += lin.bias
+            if lin.relu:
+                np.maximum(out, 0, out=out)             # (a NaN stays NaN)
+            h = out
+        return h.copy()

@@ -1,0 +1,168 @@
+"""InferenceSession: BatchNorm folded, fused epilogues, kept memory -- and the same numbers as the
+model's own eval-mode forward (and PyTorch's)."""
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn import InferenceSession, engines
+from minicnn.inference_session import compile_plan, fold_batchnorm
+from minicnn.models import EmotionClassifier
+from minicnn.nn import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential, no_grad
+
+from conftest import torch_emotion_classifier
+
+
+def trained_like(seed=0, dtype=np.float32):
+    """An EmotionClassifier whose BatchNorm statistics and affine parameters are far from 0 and 1,
+    so that folding them matters."""
+    minicnn.manual_seed(seed)
+    model = EmotionClassifier()
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, BatchNorm2d):
+            c = m.num_features
+            m.running_mean[...] = rng.normal(0, 0.3, c)
+            m.running_var[...] = rng.uniform(0.2, 3.0, c)
+            m.weight.data[...] = rng.uniform(0.5, 1.5, c)
+            m.bias.data[...] = rng.normal(0, 0.2, c)
+        if isinstance(m, Conv2d):
+            m.bias.data[...] = rng.normal(0, 0.1, m.bias.shape)
+    return model.to(dtype=dtype).eval()
+
+
+def model_logits(model, x):
+    with no_grad(), engines.using("textbook"):
+        return model(x)
+
+
+def test_folding_is_conv_then_batchnorm_in_float64():
+    rng = np.random.default_rng(1)
+    conv, bn = Conv2d(3, 5, 3, padding=1).double(), BatchNorm2d(5).double().eval()
+    bn.running_mean[...], bn.running_var[...] = rng.normal(size=5), rng.uniform(0.5, 2, 5)
+    bn.weight.data[...], bn.bias.data[...] = rng.normal(size=5), rng.normal(size=5)
+    x = rng.normal(size=(2, 3, 6, 6))
+    w, b = fold_batchnorm(conv.weight.data, conv.bias.data, bn)
+    folded = Conv2d(3, 5, 3, padding=1).double()
+    folded.weight.data[...], folded.bias.data[...] = w, b
+    np.testing.assert_allclose(folded(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
+    w0, b0 = fold_batchnorm(conv.weight.data, None, bn)                      # a conv without bias
+    np.testing.assert_allclose(b0, b - conv.bias.data * bn.weight.data / np.sqrt(bn.running_var + bn.eps),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 33, 64])
+def test_session_equals_the_models_eval_forward(n):
+    model = trained_like()
+    session = model.compile_inference()
+    assert session.route == "cpu"
+    x = np.random.default_rng(n).normal(size=(n, 1, 48, 48)).astype(np.float32)
+    np.testing.assert_allclose(session.run(x), model_logits(model, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(session.run(x), session.run(x))         # kept memory: the same again
+
+
+def test_session_in_float64_is_exact_to_rounding():
+    model = trained_like(dtype=np.float64)
+    x = np.random.default_rng(0).normal(size=(5, 1, 48, 48))
+    np.testing.assert_allclose(InferenceSession(model).run(x), model_logits(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_session_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    model = trained_like(3)
+    twin = torch_emotion_classifier()
+    twin.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in model.state_dict().items()})
+    twin.eval()
+    x = np.random.default_rng(3).normal(size=(4, 1, 48, 48)).astype(np.float32)
+    with torch.no_grad():
+        expected = twin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(model.compile_inference().run(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_both_thread_routes_are_taken_and_agree(monkeypatch):
+    from minicnn.engines.cpu import inference, threads
+    model = trained_like()
+    session = model.compile_inference()
+    x = np.random.default_rng(5).normal(size=(16, 1, 48, 48)).astype(np.float32)
+    calls = []
+    real = threads.run_chunks
+    monkeypatch.setattr(threads, "run_chunks", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(threads, "workers", lambda: 2)
+    monkeypatch.setattr(inference.CpuInference, "CHUNKED_MIN_IMAGES_PER_THREAD", 4)
+    chunked = session.run(x)
+    assert calls == [16]                                                  # one parallel region for all blocks
+    monkeypatch.setattr(inference.CpuInference, "CHUNKED_MIN_IMAGES_PER_THREAD", 100)
+    within = session.run(x)
+    assert calls == [16]
+    np.testing.assert_allclose(chunked, within, rtol=1e-5, atol=1e-6)
+
+
+def test_session_is_a_snapshot_of_the_weights():
+    model = trained_like()
+    session = model.compile_inference()
+    x = np.random.default_rng(0).normal(size=(2, 1, 48, 48)).astype(np.float32)
+    before = session.run(x)
+    model.classifier[4].bias.data += 1.0
+    np.testing.assert_allclose(session.run(x), before)
+    np.testing.assert_allclose(model.compile_inference().run(x), before + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_inputs_give_the_models_values():
+    model = trained_like()
+    x = np.random.default_rng(0).normal(size=(3, 1, 48, 48)).astype(np.float32)
+    x[0, 0, 10, 10] = np.nan
+    x[1, 0, 20:30, 5] = np.inf
+    out, ref = model.compile_inference().run(x), model_logits(model, x)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out[2], ref[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((2, 1, 48, 47), np.float32), r"expects input of shape \(N, 1, 48, 48\), got \(2, 1, 48, 47\)"),
+    (np.zeros((1, 48, 48), np.float32), r"expects input of shape \(N, 1, 48, 48\), got \(1, 48, 48\)"),
+    (np.zeros((2, 1, 48, 48), np.float64), "expects float32 input, got float64"),
+    ([[1.0]], "expects input of shape"),
+])
+def test_wrong_input_is_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        trained_like().compile_inference().run(bad)
+
+
+def test_an_empty_batch():
+    assert trained_like().compile_inference().run(np.zeros((0, 1, 48, 48), np.float32)).shape == (0, 7)
+
+
+class Square(Module):
+    """A layer the session does not know."""
+
+    def forward(self, x):
+        return x * x
+
+
+def test_a_model_it_cannot_compile_runs_as_it_is():
+    class Small(Sequential):
+        input_shape = (1, 8, 8)
+    model = Small(Conv2d(1, 4, 3, padding=1), Square(), MaxPool2d(2), Flatten(), Linear(64, 3)).eval()
+    assert compile_plan(model) is None
+    session = InferenceSession(model)
+    assert session.route == "model"
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(session.run(x), model_logits(model, x), rtol=1e-6)
+
+
+def test_a_conv_without_batchnorm_compiles_too():
+    class Small(Sequential):
+        input_shape = (1, 8, 8)
+    model = Small(Conv2d(1, 4, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(), Linear(64, 3)).eval()
+    session = InferenceSession(model)
+    assert session.route == "cpu"
+    x = np.random.default_rng(0).normal(size=(2, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(session.run(x), model_logits(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_predictor_uses_a_session():
+    from minicnn.inference import EmotionPredictor
+    from minicnn.training import predict_proba
+    p = EmotionPredictor()
+    assert p.session.route == "cpu"
+    faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
+    np.testing.assert_allclose(p.predict(faces), predict_proba(p.model, faces, p.mean, p.std), rtol=1e-4, atol=1e-6)
