@@ -3,8 +3,9 @@
 It replaces, for eval-mode prediction only, every [Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d]
 block (BatchNorm folded into the conv by the session), Flatten, and every Linear (+ ReLU):
 
-* a conv block is a conv without bias (Winograd F(2x2, 3x3) or im2col + one matrix product) into
-  a buffer, then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
+* a conv block is a conv without bias into a buffer -- Winograd F(4x4, 3x3) where the output
+  divides into 4x4 tiles (:mod:`.winograd4`), else F(2x2, 3x3), else (few input channels, other
+  kernels) im2col + one matrix product -- then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
 * Flatten is free: the first Linear's columns were reordered for the channels-last feature map;
 * a Linear is one matrix product with the transposed weight made at compile time, then the bias
   (and ReLU) in place.
@@ -26,7 +27,7 @@ Buffers are kept per batch size, so a steady stream of one size allocates nothin
 import numpy as np
 
 from . import kernels as cpu
-from . import threads, winograd
+from . import threads, winograd, winograd4
 
 __all__ = ["CpuInference"]
 
@@ -46,16 +47,21 @@ class _Conv:
         self.oh, self.ow = (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1
         self.ph, self.pw = self.oh // pool, self.ow // pool
         self.bias = np.array(b, dtype=dtype)                  # (copies: the session is a snapshot)
-        self.winograd = c >= winograd_min_channels and winograd.applies(k, stride, padding)
-        if self.winograd:
-            self.filters = np.array(winograd.filter_transform(np.asarray(w, dtype=dtype)), copy=True)  # (16, C, OC)
+        w = np.asarray(w, dtype=dtype)
+        self.winograd = None
+        if c >= winograd_min_channels and winograd4.applies(k, stride, padding, self.oh, self.ow):
+            self.winograd = winograd4                          # F(4x4, 3x3): (36, C, OC) filters
+            self.filters = winograd4.filter_transform(w)
+        elif c >= winograd_min_channels and winograd.applies(k, stride, padding):
+            self.winograd = winograd                           # F(2x2, 3x3): (16, C, OC) filters
+            self.filters = np.array(winograd.filter_transform(w), copy=True)
         else:
             self.filters = np.array(np.asarray(w, dtype=dtype).transpose(2, 3, 1, 0).reshape(k * k * c, oc), order="C")
 
     def conv(self, x, y, parallel):
         """y (N, OH, OW, OC) = conv of channels-last x (N, H, W, C), no bias."""
-        if self.winograd:
-            return winograd.conv3x3(x, self.filters, self.padding, y)
+        if self.winograd is not None:
+            return self.winograd.conv3x3(x, self.filters, self.padding, y)
         n = x.shape[0]
         col = np.empty((n * self.oh * self.ow, self.k * self.k * self.c), x.dtype)
         parallel = parallel and col.size >= PARALLEL_MIN_VALUES

@@ -107,9 +107,9 @@ def tiles(oh, ow):
 
 
 @njit(**_opts)
-def _pad(x, p, th, tw, xp):
-    """xp = x with p zeros above/left and enough below/right for th x tw tiles (each 4x4, stride 2).
-    Only the border is zeroed: the copy writes the rest."""
+def _pad_into(x, p, xp):
+    """xp = x with p zeros above/left and zeros below/right to xp's size. Only the border is
+    zeroed: the copy writes the rest."""
     n, h, w, c = x.shape
     xp[:, :p] = 0
     xp[:, p + h:] = 0
@@ -197,7 +197,7 @@ def transformed_input(x, padding, oh, ow):
     (OH, OW) output: (16, N * tiles, C)."""
     n, c = x.shape[0], x.shape[3]
     th, tw = tiles(oh, ow)
-    xp = _pad(x, padding, th, tw, np.empty((n, 2 * th + 2, 2 * tw + 2, c), x.dtype))
+    xp = _pad_into(x, padding, np.empty((n, 2 * th + 2, 2 * tw + 2, c), x.dtype))   # (th x tw tiles of 4x4, stride 2)
     return input_transform(xp, th, tw, np.empty((16, n * th * tw, c), x.dtype))
 
 
