@@ -73,6 +73,7 @@ def _train(args, comm=None):
     from .data import EMOTIONS, Augment, load_dataset
     from .extras import available
     from .training import Recipe, Trainer, format_report
+    from .training.trainer import PRESETS
     from .training.plots import plot_confusion, plot_curves, plot_samples
     finetune = getattr(args, "finetune", False)
     builtin = (args.data or os.environ.get("MINICNN_DATA")) is None
@@ -81,12 +82,22 @@ def _train(args, comm=None):
     if finetune:
         tuning = dict(init=os.path.abspath(_weights_path(args.weights)), freeze=args.freeze,
                       features_lr_scale=args.features_lr_scale)
-    recipe = Recipe(                                      # (every value checked before any work)
-        epochs=args.epochs if args.epochs is not None else (15 if finetune else 4 if builtin else defaults.epochs),
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
-        augment=None if args.no_augment else dataclasses.asdict(Augment(erase=args.erase)), seed=args.seed,
-        **tuning)
+    # The named recipe (--recipe), then every option given explicitly on top of it.
+    preset = dict(PRESETS[args.recipe])
+    epochs = args.epochs if args.epochs is not None else preset.pop(
+        "epochs", 15 if finetune else 4 if builtin else defaults.epochs)
+    preset.pop("epochs", None)
+    augment = dict(preset.pop("augment", None) or dataclasses.asdict(Augment(erase=0.0)))
+    if args.erase is not None:
+        augment["erase"] = args.erase
+    given = {k: v for k, v in dict(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                                   weight_decay=args.weight_decay, schedule=args.schedule,
+                                   label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm).items()
+             if v is not None}
+    if finetune and "lr" not in given and "lr" not in preset:
+        given["lr"] = 0.01
+    recipe = Recipe(**dict(preset, **given), epochs=epochs, seed=args.seed,      # (every value checked first)
+                    augment=None if args.no_augment else augment, **tuning)
     pictures = available("matplotlib")
     if not pictures:
         say("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "
@@ -341,6 +352,8 @@ def _cmd_summary(args):
 
 
 def build_parser():
+    from .training.schedules import SCHEDULES
+    from .training.trainer import PRESETS
     from . import __version__
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -361,18 +374,22 @@ def build_parser():
                            help="features: train the classifier only (fast on a CPU)")
             p.add_argument("--features-lr-scale", type=float, default=0.1,
                            help="without --freeze: the features' rate as a fraction of --lr (default 0.1)")
+        p.add_argument("--recipe", default="default", choices=list(PRESETS),
+                       help="a named recipe (the other options change it): default, or fer2013-long (120 epochs, "
+                            "plateau then cosine, stronger augmentation; see minicnn/training/trainer.py)")
         p.add_argument("--epochs", type=int, default=None,
-                       help="default: 50 on FER2013, 4 on the built-in faces; finetune: 15")
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=0.02 if name == "train" else 0.01)
-        p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
-                       help="sgd is Nesterov momentum 0.9")
-        p.add_argument("--weight-decay", type=float, default=5e-4)
-        p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "plateau", "constant"])
-        p.add_argument("--label-smoothing", type=float, default=0.1)
-        p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 turns clipping off")
+                       help="default: the recipe's (50 on FER2013, 4 on the built-in faces; finetune: 15)")
+        p.add_argument("--batch-size", type=int, default=None, help="default 64")
+        p.add_argument("--lr", type=float, default=None, help="default 0.02 (finetune: 0.01)")
+        p.add_argument("--optimizer", default=None, choices=["sgd", "adam", "adamw"],
+                       help="sgd (the default) is Nesterov momentum 0.9")
+        p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4")
+        p.add_argument("--schedule", default=None, choices=list(SCHEDULES), help="default cosine")
+        p.add_argument("--label-smoothing", type=float, default=None, help="default 0.1")
+        p.add_argument("--clip-grad-norm", type=float, default=None, help="default 5; 0 turns clipping off")
         p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
-        p.add_argument("--erase", type=float, default=0.0, help="probability of random erasing (default 0: off)")
+        p.add_argument("--erase", type=float, default=None,
+                       help="probability of random erasing (default: the recipe's; 0 for default)")
         p.add_argument("--val-fraction", type=float, default=0.1,
                        help="share of Training held out for validation when the source has no PublicTest split")
         p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")

@@ -36,9 +36,9 @@ from ..optim import SGD, Adam, AdamW
 from .checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_stale_temporaries,
                          repair_sidecar, save_checkpoint)
 from .metrics import classification_report
-from .schedules import make_schedule
+from .schedules import SCHEDULES, make_schedule
 
-__all__ = ["Recipe", "Trainer", "TrainingDiverged", "RecentRate", "predict_proba", "load_model", "clip_grad_norm", "train_step"]
+__all__ = ["Recipe", "PRESETS", "Trainer", "TrainingDiverged", "RecentRate", "predict_proba", "load_model", "clip_grad_norm", "train_step"]
 
 
 class RecentRate:
@@ -88,8 +88,11 @@ class Recipe:
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"            # cosine (with warm-up) | step | plateau | constant
+    schedule: str = "cosine"            # cosine (with warm-up) | step | plateau | plateau-cosine | constant
     warmup_epochs: float = 1.0
+    plateau_factor: float = 0.5         # plateau schedules: the rate times this after
+    plateau_patience: int = 3           # ... this many epochs without a better validation accuracy
+    final_epochs: int = 0               # plateau-cosine: the last epochs decay to 0 (0: a tenth of them)
     label_smoothing: float = 0.1
     clip_grad_norm: float = 5.0         # 0: off
     dropout: float = 0.5
@@ -115,8 +118,11 @@ class Recipe:
             ("lr", number(self.lr) and self.lr > 0, "a finite number > 0"),
             ("momentum", number(self.momentum) and 0 <= self.momentum < 1, "in [0, 1)"),
             ("weight_decay", number(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
-            ("schedule", self.schedule in ("cosine", "step", "plateau", "constant"),
-             "cosine, step, plateau or constant"),
+            ("schedule", self.schedule in SCHEDULES, ", ".join(SCHEDULES)),
+            ("plateau_factor", number(self.plateau_factor) and 0 < self.plateau_factor <= 1, "in (0, 1]"),
+            ("plateau_patience", whole(self.plateau_patience) and self.plateau_patience >= 0, "a whole number >= 0"),
+            ("final_epochs", whole(self.final_epochs) and self.final_epochs >= 0,
+             "a whole number >= 0 (more than epochs: the whole run decays)"),
             ("warmup_epochs", number(self.warmup_epochs) and self.warmup_epochs >= 0, "a finite number >= 0"),
             ("label_smoothing", number(self.label_smoothing) and 0 <= self.label_smoothing <= 1, "in [0, 1]"),
             ("clip_grad_norm", number(self.clip_grad_norm) and self.clip_grad_norm >= 0,
@@ -137,9 +143,30 @@ class Recipe:
             Augment(**self.augment)          # (its own checks)
 
     @classmethod
+    def preset(cls, name, **changes):
+        """A named recipe (:data:`PRESETS`), with ``changes`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(PRESETS)}")
+        return cls(**dict(PRESETS[name], **changes))
+
+    @classmethod
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Named recipes (``minicnn train --recipe NAME``; every value still changeable by its own option).
+PRESETS = {
+    # What the shipped weights were trained with: 50 epochs, cosine, light augmentation.
+    "default": {},
+    # Longer, with the published FER2013 ablations' choices (Khaireddin & Chen 2021): SGD with
+    # Nesterov momentum at 0.01, reduce-on-plateau on validation accuracy (x0.75 after 5 epochs
+    # without gain) ending in a cosine decay to 0 over the last 12 epochs, and stronger
+    # augmentation: shifts up to 10 px (about 20%), zoom 0.8-1.2, rotation +-10 degrees, flips,
+    # random erasing with p = 0.5. About 120 CPU-minutes on 2 cores.
+    "fer2013-long": dict(epochs=120, lr=0.01, schedule="plateau-cosine", plateau_factor=0.75, plateau_patience=5,
+                         final_epochs=12, augment=dict(crop=10, flip=True, rotate=10.0, scale=0.2, erase=0.5)),
+}
 
 
 def clip_grad_norm(params, max_norm):
@@ -355,7 +382,8 @@ class Trainer:
                                         dtype=self.dtype)
         if len(self.train_loader) == 0:
             raise ValueError(f"{len(train_x)} training images make no full batch of {r.batch_size}")
-        self.schedule = make_schedule(r.schedule, r.lr, len(self.train_loader), r.epochs, r.warmup_epochs)
+        self.schedule = make_schedule(r.schedule, r.lr, len(self.train_loader), r.epochs, r.warmup_epochs,
+                                      r.plateau_factor, r.plateau_patience, r.final_epochs)
         self.history = []
         self.best_val_acc = -1.0
         self.epoch, self.batch = 0, 0                 # where training continues from
