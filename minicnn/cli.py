@@ -62,27 +62,18 @@ def _cmd_train(args):
         raise
 
 
-def _train(args, comm=None):
-    """Train (or fine-tune); ``comm``: this rank's communicator in a data-parallel run (rank 0 alone
-    prints and writes the report and pictures)."""
-    speaks = comm is None or comm.rank == 0
-
-    def say(*parts):
-        if speaks:
-            print(*parts, file=sys.stderr)
-    from .data import EMOTIONS, Augment, load_dataset
-    from .extras import available
-    from .training import Recipe, Trainer, format_report
+def recipe_from_args(args, builtin=False):
+    """The Recipe a train/finetune command line asks for: the named recipe (--recipe), then every
+    option given explicitly on top of it (every value checked before any work)."""
+    from .data import Augment
+    from .training import Recipe
     from .training.trainer import PRESETS
-    from .training.plots import plot_confusion, plot_curves, plot_samples
     finetune = getattr(args, "finetune", False)
-    builtin = (args.data or os.environ.get("MINICNN_DATA")) is None
     defaults = Recipe()
     tuning = {}
     if finetune:
         tuning = dict(init=os.path.abspath(_weights_path(args.weights)), freeze=args.freeze,
                       features_lr_scale=args.features_lr_scale)
-    # The named recipe (--recipe), then every option given explicitly on top of it.
     preset = dict(PRESETS[args.recipe])
     epochs = args.epochs if args.epochs is not None else preset.pop(
         "epochs", 15 if finetune else 4 if builtin else defaults.epochs)
@@ -96,8 +87,25 @@ def _train(args, comm=None):
              if v is not None}
     if finetune and "lr" not in given and "lr" not in preset:
         given["lr"] = 0.01
-    recipe = Recipe(**dict(preset, **given), epochs=epochs, seed=args.seed,      # (every value checked first)
-                    augment=None if args.no_augment else augment, **tuning)
+    return Recipe(**dict(preset, **given), epochs=epochs, seed=args.seed,
+                  augment=None if args.no_augment else augment, **tuning)
+
+
+def _train(args, comm=None):
+    """Train (or fine-tune); ``comm``: this rank's communicator in a data-parallel run (rank 0 alone
+    prints and writes the report and pictures)."""
+    speaks = comm is None or comm.rank == 0
+
+    def say(*parts):
+        if speaks:
+            print(*parts, file=sys.stderr)
+    from .data import EMOTIONS, load_dataset
+    from .extras import available
+    from .training import Trainer, format_report
+    from .training.plots import plot_confusion, plot_curves, plot_samples
+    finetune = getattr(args, "finetune", False)
+    builtin = (args.data or os.environ.get("MINICNN_DATA")) is None
+    recipe = recipe_from_args(args, builtin)
     pictures = available("matplotlib")
     if not pictures:
         say("minicnn: matplotlib is not installed, so this run writes no pictures (curves, confusion matrix, "

@@ -307,3 +307,50 @@ def test_progress_rate_leaves_out_the_warm_up_step_and_the_time_between_epochs()
     rate.step_done(64, now=100.1)
     rate.step_done(64, now=100.2)
     assert rate.rate() == pytest.approx(640)
+
+
+def test_plateau_then_cosine_reduces_on_plateau_then_decays_to_zero_and_resumes():
+    from minicnn.training.schedules import PlateauThenCosine
+    s = PlateauThenCosine(0.1, steps_per_epoch=10, epochs=10, final_epochs=4, factor=0.5, patience=1)
+    rates = []
+    for epoch, metric in enumerate([0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]):
+        rates.append([s.lr(epoch, step) for step in range(10)])
+        s.end_epoch(metric)
+        if epoch == 6:
+            saved = s.state_dict()
+    assert rates[0][0] == rates[3][9] == 0.1                 # two epochs without gain: patience 1 -> halve
+    assert rates[4][0] == 0.05                               # (after epoch 3)
+    assert rates[6][0] == pytest.approx(0.05)                # the decay starts from the rate reached
+    assert rates[9][9] < 0.002 and all(a >= b for a, b in zip(sum(rates[6:], []), sum(rates[6:], [])[1:]))
+    assert rates[7][0] < rates[6][0]
+    again = PlateauThenCosine(0.1, 10, 10, 4, factor=0.5, patience=1)
+    again.load_state_dict(saved)
+    assert [again.lr(7, k) for k in range(10)] == rates[7]
+
+
+def test_named_recipes_and_explicit_options_on_top():
+    from minicnn.training.trainer import PRESETS
+    long = Recipe.preset("fer2013-long")
+    assert long.epochs == 120 and long.schedule == "plateau-cosine" and long.augment["erase"] == 0.5
+    assert Recipe.preset("fer2013-long", lr=0.05).lr == 0.05
+    assert Recipe.preset("default") == Recipe()
+    assert set(PRESETS) >= {"default", "fer2013-long"}
+    with pytest.raises(ValueError, match="unknown recipe 'fast': use one of default, fer2013-long"):
+        Recipe.preset("fast")
+    with pytest.raises(ValueError, match="plateau_factor must be in"):
+        Recipe(plateau_factor=0.0)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(schedule="cosine", lr=0.02, epochs=50, augment=dict(crop=4, flip=True, rotate=10.0, scale=0.1, erase=0.0))),
+    (["--recipe", "fer2013-long"], dict(schedule="plateau-cosine", plateau_patience=5, lr=0.01, epochs=120)),
+    (["--recipe", "fer2013-long", "--epochs", "1", "--lr", "0.03", "--erase", "0.2"],
+     dict(schedule="plateau-cosine", lr=0.03, epochs=1, augment=dict(crop=10, flip=True, rotate=10.0, scale=0.2,
+                                                                         erase=0.2))),
+    (["--recipe", "fer2013-long", "--no-augment", "--schedule", "cosine"], dict(augment=None, schedule="cosine")),
+])
+def test_cli_recipe_option_sets_the_recipe_and_options_override_it(argv, expected):
+    from minicnn.cli import build_parser, recipe_from_args
+    recipe = recipe_from_args(build_parser().parse_args(["train", "--data", "x"] + argv), builtin=False)
+    for key, value in expected.items():
+        assert getattr(recipe, key) == value, key
