@@ -166,3 +166,44 @@ def test_the_predictor_uses_a_session():
     assert p.session.route == "cpu"
     faces = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
     np.testing.assert_allclose(p.predict(faces), predict_proba(p.model, faces, p.mean, p.std), rtol=1e-4, atol=1e-6)
+
+
+def test_sixteen_threads_on_any_machine_give_the_same_numbers(tmp_path):
+    """Many threads (as on a 16-core machine, here oversubscribed): the chunked session route with 16
+    workers, the within-image route, and a training step of the CPU engine all match the textbook."""
+    import subprocess
+    import sys
+    code = """
+import numpy as np, minicnn
+from minicnn import engines
+from minicnn.engines.cpu import threads
+from minicnn.models import EmotionClassifier
+from minicnn.nn import CrossEntropyLoss, no_grad
+assert threads.workers() == 16, threads.workers()
+minicnn.manual_seed(0)
+model = EmotionClassifier().eval()
+x = np.random.default_rng(0).normal(size=(64, 1, 48, 48)).astype(np.float32)
+with no_grad(), engines.using("textbook"):
+    ref = model(x)
+session = model.compile_inference()
+np.testing.assert_allclose(session.run(x), ref, rtol=1e-4, atol=1e-5)            # 64 images: chunks over 16 threads
+np.testing.assert_allclose(session.run(x[:3]), ref[:3], rtol=1e-4, atol=1e-5)    # 3: within the image
+model.train()
+y = np.arange(64) % 7
+grads = {}
+for engine in ("textbook", "auto"):
+    minicnn.manual_seed(1)
+    m = EmotionClassifier(dropout=0.0)
+    with engines.using(engine):
+        crit = CrossEntropyLoss()
+        loss = crit(m(x), y)
+        m.backward(crit.backward())
+    grads[engine] = [p.grad.copy() for p in m.parameters()]
+scale = max(np.abs(a).max() for a in grads["textbook"])      # (a conv bias's gradient is ~0: BatchNorm follows)
+for a, b in zip(grads["textbook"], grads["auto"]):
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-5 * scale)
+print("ok")
+"""
+    env = dict(__import__("os").environ, NUMBA_NUM_THREADS="16", OPENBLAS_NUM_THREADS="16", OMP_NUM_THREADS="16")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
