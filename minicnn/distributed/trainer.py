@@ -22,7 +22,6 @@ between steps, so all ranks stop after the same step and the checkpoint resumes 
 """
 import contextlib
 import os
-import signal
 import tempfile
 import threading
 
@@ -269,14 +268,6 @@ class DistributedTrainer(Trainer):
         ranks follow it through the same collective steps without touching the folder."""
         if self.rank == 0:
             return super().fit(resume)
-        self._stop_requested = False
         if resume:
             self.resume()
-        handler = None
-        if threading.current_thread() is threading.main_thread():
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            return self._fit_epochs(None)
-        finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+        return self._fit_epochs_with_ctrl_c(None)

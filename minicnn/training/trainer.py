@@ -458,7 +458,7 @@ class Trainer:
     GPU_READ_EVERY = 20
 
     def _train_epoch(self):
-        r, model, opt, crit = self.recipe, self.model, self.optimizer, self.criterion
+        r, model, opt = self.recipe, self.model, self.optimizer
         model.train()
         n_batches = len(self.train_loader)
         read_every = self.GPU_READ_EVERY if normalize_device(self.device) == "gpu" else 1
@@ -572,15 +572,19 @@ class Trainer:
                 for f in held:
                     os.remove(os.path.join(self.out_dir, f))
                 atomic_write_bytes(log_path, b"")
-            self._stop_requested = False
-            handler = None
-            if threading.current_thread() is threading.main_thread():
-                handler = signal.signal(signal.SIGINT, self._on_sigint)
-            try:
-                return self._fit_epochs(log_path)
-            finally:
-                if handler is not None:
-                    signal.signal(signal.SIGINT, handler)
+            return self._fit_epochs_with_ctrl_c(log_path)
+
+    def _fit_epochs_with_ctrl_c(self, log_path):
+        """:meth:`_fit_epochs` with Ctrl-C finishing the current step (:meth:`request_stop`)."""
+        self._stop_requested = False
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._fit_epochs(log_path)
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
 
     def _fit_epochs(self, log_path):
         while self.epoch < self.recipe.epochs:
