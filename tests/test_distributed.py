@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 
-import minicnn
 from minicnn import engines
 from minicnn.distributed import (DistributedTrainer, FlatGradients, SingleProcess, SyncBatchNorm2d, ThreadGroup,
                                  convert_sync_batchnorm, world_size_from_environment)
