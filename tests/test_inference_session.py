@@ -207,3 +207,14 @@ print("ok")
     env = dict(__import__("os").environ, NUMBA_NUM_THREADS="16", OPENBLAS_NUM_THREADS="16", OMP_NUM_THREADS="16")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_on_the_gpu_the_session_runs_the_model(gpu):
+    from minicnn.backend import to_device, to_numpy
+    model = trained_like().to("gpu")
+    session = model.compile_inference()
+    assert session.route == "model"
+    x = np.random.default_rng(0).normal(size=(2, 1, 48, 48)).astype(np.float32)
+    with no_grad():
+        expected = to_numpy(model(to_device(x, "gpu")))
+    np.testing.assert_allclose(to_numpy(session.run(to_device(x, "gpu"))), expected, rtol=1e-5, atol=1e-6)
