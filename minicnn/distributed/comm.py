@@ -237,7 +237,7 @@ class ThreadGroup:
 
 
 class _ThreadCommunicator:
-    local_size = None
+    """One thread's view of a :class:`ThreadGroup`: the same operations as the MPI communicator."""
     name = "threads"
 
     def __init__(self, group, rank):
