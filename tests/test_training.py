@@ -354,3 +354,15 @@ def test_cli_recipe_option_sets_the_recipe_and_options_override_it(argv, expecte
     recipe = recipe_from_args(build_parser().parse_args(["train", "--data", "x"] + argv), builtin=False)
     for key, value in expected.items():
         assert getattr(recipe, key) == value, key
+
+
+def test_a_plateau_schedule_saves_strict_json_before_its_first_epoch():
+    from minicnn.training.schedules import ReduceOnPlateau
+    s = ReduceOnPlateau(0.1, 10)
+    text = json.dumps(s.state_dict(), allow_nan=False)          # (no -Infinity)
+    again = ReduceOnPlateau(0.1, 10)
+    again.load_state_dict(json.loads(text))
+    again.end_epoch(0.3)
+    assert again.best == 0.3 and again.bad == 0
+    again.load_state_dict({"current": 0.05, "best": float("-inf"), "bad": 2})    # (older checkpoints)
+    assert again.best == float("-inf")

@@ -78,11 +78,13 @@ class ReduceOnPlateau(Schedule):
             if self.bad > self.patience:
                 self.current, self.bad = max(self.min_lr, self.current * self.factor), 0
 
-    def state_dict(self):
-        return {"current": self.current, "best": self.best, "bad": self.bad}
+    def state_dict(self):          # (no best yet: None, since JSON has no -inf)
+        return {"current": self.current, "best": self.best if math.isfinite(self.best) else None, "bad": self.bad}
 
     def load_state_dict(self, state):
-        self.current, self.best, self.bad = float(state["current"]), float(state["best"]), int(state["bad"])
+        best = state["best"]
+        self.current, self.bad = float(state["current"]), int(state["bad"])
+        self.best = -math.inf if best is None else float(best)
 
 
 class PlateauThenCosine(ReduceOnPlateau):
