@@ -45,6 +45,7 @@ def main():
         comm = init(args.device)
     speaks = comm is None or comm.rank == 0          # rank 0 alone prints
     say = print if speaks else (lambda *a, **k: None)
+    say(f"minicnn {minicnn.__version__}")
 
     # 1. Data: uint8 faces (N, 48, 48) and labels, split into train / validation / test.
     data, description = load_dataset(args.data, seed=args.seed)
@@ -80,5 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-    print(f"minicnn {minicnn.__version__}")
     sys.exit(main())
