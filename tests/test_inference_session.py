@@ -218,3 +218,11 @@ def test_on_the_gpu_the_session_runs_the_model(gpu):
     with no_grad():
         expected = to_numpy(model(to_device(x, "gpu")))
     np.testing.assert_allclose(to_numpy(session.run(to_device(x, "gpu"))), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tta_comparison_example_runs(capsys):
+    import runpy
+    example = runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "examples" / "compare_tta.py"))
+    example["main"]([])                                     # the built-in faces' validation split
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 7 and lines[0].startswith("none") and all("%" in line for line in lines)
