@@ -49,6 +49,20 @@ def filter_transform(weight):
     return np.ascontiguousarray(u.reshape(36, weight.shape[1], weight.shape[0])).astype(weight.dtype)
 
 
+@njit(inline="always")
+def _bt(d0, d1, d2, d3, d4, d5):
+    """The six rows of B^T applied to (d0 .. d5): once on whole rows, once on a tile's columns."""
+    return (4 * d0 - 5 * d2 + d4, -4 * (d1 + d2) + d3 + d4, 4 * (d1 - d2) - d3 + d4,
+            -2 * (d1 - d3) - d2 + d4, 2 * (d1 - d3) - d2 + d4, 4 * d1 - 5 * d3 + d5)
+
+
+@njit(inline="always")
+def _at(m0, m1, m2, m3, m4, m5):
+    """The four rows of A^T applied to (m0 .. m5): once on a tile's rows, once on its columns."""
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return m0 + s12 + s34, d12 + 2 * d34, s12 + 4 * s34, d12 + 8 * d34 + m5
+
+
 @njit(**_opts)
 def input_transform(xp, th, tw, v):
     """v[6a + b, tile, c] = (B^T d B)[a, b] for the 6x6 tile d (stride 4) of every image of the
@@ -63,12 +77,7 @@ def input_transform(xp, th, tw, v):
             d3, d4, d5 = (xp[ni, 4 * ty + 3].reshape(-1), xp[ni, 4 * ty + 4].reshape(-1),
                           xp[ni, 4 * ty + 5].reshape(-1))
             for k in range(wp * c):
-                e[0, k] = 4 * d0[k] - 5 * d2[k] + d4[k]
-                e[1, k] = -4 * (d1[k] + d2[k]) + d3[k] + d4[k]
-                e[2, k] = 4 * (d1[k] - d2[k]) - d3[k] + d4[k]
-                e[3, k] = -2 * (d1[k] - d3[k]) - d2[k] + d4[k]
-                e[4, k] = 2 * (d1[k] - d3[k]) - d2[k] + d4[k]
-                e[5, k] = 4 * d1[k] - 5 * d3[k] + d5[k]
+                e[0, k], e[1, k], e[2, k], e[3, k], e[4, k], e[5, k] = _bt(d0[k], d1[k], d2[k], d3[k], d4[k], d5[k])
             for tx in range(tw):
                 t = (ni * th + ty) * tw + tx
                 q = 4 * tx * c                              # column 4tx of the tile row
@@ -77,14 +86,9 @@ def input_transform(xp, th, tw, v):
                     v0, v1, v2 = v[6 * a, t], v[6 * a + 1, t], v[6 * a + 2, t]
                     v3, v4, v5 = v[6 * a + 3, t], v[6 * a + 4, t], v[6 * a + 5, t]
                     for ci in range(c):
-                        r0, r1, r2 = r[q + ci], r[q + c + ci], r[q + 2 * c + ci]
-                        r3, r4, r5 = r[q + 3 * c + ci], r[q + 4 * c + ci], r[q + 5 * c + ci]
-                        v0[ci] = 4 * r0 - 5 * r2 + r4
-                        v1[ci] = -4 * (r1 + r2) + r3 + r4
-                        v2[ci] = 4 * (r1 - r2) - r3 + r4
-                        v3[ci] = -2 * (r1 - r3) - r2 + r4
-                        v4[ci] = 2 * (r1 - r3) - r2 + r4
-                        v5[ci] = 4 * r1 - 5 * r3 + r5
+                        v0[ci], v1[ci], v2[ci], v3[ci], v4[ci], v5[ci] = _bt(
+                            r[q + ci], r[q + c + ci], r[q + 2 * c + ci], r[q + 3 * c + ci], r[q + 4 * c + ci],
+                            r[q + 5 * c + ci])
     return v
 
 
@@ -102,23 +106,13 @@ def output_transform(m, th, tw, out):
                     m0, m1, m2, m3, m4, m5 = m[b, t], m[6 + b, t], m[12 + b, t], m[18 + b, t], m[24 + b, t], m[30 + b, t]
                     f0, f1, f2, f3 = f[0, b], f[1, b], f[2, b], f[3, b]
                     for o in range(oc):
-                        s12, d12 = m1[o] + m2[o], m1[o] - m2[o]
-                        s34, d34 = m3[o] + m4[o], m3[o] - m4[o]
-                        f0[o] = m0[o] + s12 + s34
-                        f1[o] = d12 + 2 * d34
-                        f2[o] = s12 + 4 * s34
-                        f3[o] = d12 + 8 * d34 + m5[o]
+                        f0[o], f1[o], f2[o], f3[o] = _at(m0[o], m1[o], m2[o], m3[o], m4[o], m5[o])
                 for r in range(4):
                     g0, g1, g2, g3, g4, g5 = f[r, 0], f[r, 1], f[r, 2], f[r, 3], f[r, 4], f[r, 5]
                     y0, y1 = out[ni, 4 * ty + r, 4 * tx], out[ni, 4 * ty + r, 4 * tx + 1]
                     y2, y3 = out[ni, 4 * ty + r, 4 * tx + 2], out[ni, 4 * ty + r, 4 * tx + 3]
                     for o in range(oc):
-                        s12, d12 = g1[o] + g2[o], g1[o] - g2[o]
-                        s34, d34 = g3[o] + g4[o], g3[o] - g4[o]
-                        y0[o] = g0[o] + s12 + s34
-                        y1[o] = d12 + 2 * d34
-                        y2[o] = s12 + 4 * s34
-                        y3[o] = d12 + 8 * d34 + g5[o]
+                        y0[o], y1[o], y2[o], y3[o] = _at(g0[o], g1[o], g2[o], g3[o], g4[o], g5[o])
     return out
 
 
