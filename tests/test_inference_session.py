@@ -96,6 +96,29 @@ def test_both_thread_routes_are_taken_and_agree(monkeypatch):
     np.testing.assert_allclose(chunked, within, rtol=1e-5, atol=1e-6)
 
 
+def test_each_block_takes_its_winograd_and_its_sub_chunks():
+    """F(6x6, 3x3) on the 24, 12 and 6 maps, im2col for the grey first conv; a worker runs the 24x24
+    block two images at a time (36 tiles each, ~64 rows) and the 6x6 block all its images at once."""
+    from minicnn.engines.cpu import winograd6
+    convs = trained_like().compile_inference()._cpu.convs
+    assert [c.winograd for c in convs] == [None, winograd6, winograd6, winograd6]
+    assert [c.images_per_product for c in convs] == [1, 4, 16, 64]
+
+
+@pytest.mark.parametrize("order", ["F6", "F4", "F2"])
+def test_every_winograd_choice_and_uneven_shares_equal_the_model(monkeypatch, order):
+    """Each Winograd variant the session may choose, on the chunked route with shares that do not
+    divide into the blocks' sub-chunks (37 images on 3 threads: 13 + 12 + 12)."""
+    from minicnn.engines.cpu import inference, threads, winograd, winograd4, winograd6
+    monkeypatch.setattr(inference.CpuInference, "WINOGRAD_ORDER",
+                        {"F6": (winograd6,), "F4": (winograd4, winograd), "F2": (winograd,)}[order])
+    monkeypatch.setattr(threads, "workers", lambda: 3)
+    model = trained_like()
+    session = model.compile_inference()
+    x = np.random.default_rng(9).normal(size=(37, 1, 48, 48)).astype(np.float32)
+    np.testing.assert_allclose(session.run(x), model_logits(model, x), rtol=1e-4, atol=1e-5)
+
+
 def test_session_is_a_snapshot_of_the_weights():
     model = trained_like()
     session = model.compile_inference()

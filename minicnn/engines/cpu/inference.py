@@ -3,9 +3,10 @@
 It replaces, for eval-mode prediction only, every [Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d]
 block (BatchNorm folded into the conv by the session), Flatten, and every Linear (+ ReLU):
 
-* a conv block is a conv without bias into a buffer -- Winograd F(4x4, 3x3) where the output
-  divides into 4x4 tiles (:mod:`.winograd4`), else F(2x2, 3x3), else (few input channels, other
-  kernels) im2col + one matrix product -- then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
+* a conv block is a conv without bias into a buffer -- Winograd F(6x6, 3x3) where the output
+  divides into 6x6 tiles (:mod:`.winograd6`), else F(4x4, 3x3) where it divides into 4x4 tiles
+  (:mod:`.winograd4`), else F(2x2, 3x3), else (few input channels, other kernels) im2col + one
+  matrix product -- then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
 * Flatten is free: the first Linear's columns were reordered for the channels-last feature map;
 * a Linear is one matrix product with the transposed weight made at compile time, then the bias
   (and ReLU) in place.
@@ -15,10 +16,12 @@ work, so the small ones run serially (``PARALLEL_MIN_VALUES``).
 
 Two ways to use the cores, chosen by the batch size:
 
-* **many images** (at least ``CHUNKED_MIN_IMAGES_PER_THREAD`` per thread): the batch is cut into
-  chunks and each thread takes its chunks through *every* conv block with serial kernels and a
-  one-thread BLAS -- one parallel region for the whole feature extractor, no serial section between
-  blocks, each chunk's activations staying in the thread's cache;
+* **many images** (at least ``CHUNKED_MIN_IMAGES_PER_THREAD`` per thread): each thread takes its
+  share of the batch through *every* conv block with serial kernels and a one-thread BLAS -- one
+  parallel region for the whole feature extractor, no serial section between blocks. Within its
+  share a thread runs each block on a few images at a time, as many as give the block's matrix
+  products about ``GEMM_ROWS`` rows: two images of 36 tiles for a 24x24 map, all of them for a 6x6
+  map of one tile (a product of 8 rows runs at half the speed of one of 32);
 * **one or a few images**: the blocks one after the other, each split *within* the images
   (numba's parallel loops over output rows, the BLAS's own threads).
 
@@ -27,7 +30,7 @@ Buffers are kept per batch size, so a steady stream of one size allocates nothin
 import numpy as np
 
 from . import kernels as cpu
-from . import threads, winograd, winograd4
+from . import threads, winograd, winograd4, winograd6
 
 __all__ = ["CpuInference"]
 
@@ -37,10 +40,17 @@ __all__ = ["CpuInference"]
 PARALLEL_MIN_VALUES = 1 << 17
 
 
+def _applies(module, k, stride, padding, oh, ow):
+    if module is winograd:
+        return winograd.applies(k, stride, padding)
+    return module.applies(k, stride, padding, oh, ow)
+
+
 class _Conv:
     """One folded conv block: conv (no bias) -> + b' -> ReLU -> max pool k (stride k)."""
 
-    def __init__(self, w, b, stride, padding, pool, in_hw, dtype, winograd_min_channels):
+    def __init__(self, w, b, stride, padding, pool, in_hw, dtype, winograd_min_channels, winograd_order,
+                 gemm_rows):
         oc, c, k, _ = w.shape
         self.c, self.oc, self.k, self.stride, self.padding, self.pool = c, oc, k, stride, padding, pool
         h, wd = in_hw
@@ -49,14 +59,17 @@ class _Conv:
         self.bias = np.array(b, dtype=dtype)                  # (copies: the session is a snapshot)
         w = np.asarray(w, dtype=dtype)
         self.winograd = None
-        if c >= winograd_min_channels and winograd4.applies(k, stride, padding, self.oh, self.ow):
-            self.winograd = winograd4                          # F(4x4, 3x3): (36, C, OC) filters
-            self.filters = winograd4.filter_transform(w)
-        elif c >= winograd_min_channels and winograd.applies(k, stride, padding):
-            self.winograd = winograd                           # F(2x2, 3x3): (16, C, OC) filters
-            self.filters = np.array(winograd.filter_transform(w), copy=True)
+        if c >= winograd_min_channels:
+            self.winograd = next((m for m in winograd_order if _applies(m, k, stride, padding, self.oh, self.ow)), None)
+        if self.winograd is not None:
+            self.filters = np.array(self.winograd.filter_transform(w), copy=True)   # (tile planes, C, OC)
         else:
             self.filters = np.array(np.asarray(w, dtype=dtype).transpose(2, 3, 1, 0).reshape(k * k * c, oc), order="C")
+        # Rows of one image in this block's matrix products: its tiles, or (im2col) its output pixels.
+        # A worker thread runs the block on this many images at a time: the 24x24 map's 36 tiles of
+        # 4x4 two images at a time, the 6x6 map's single tile 64 images at a time (or all it has).
+        rows = self.oh * self.ow if self.winograd is None else np.prod(self.winograd.tiles(self.oh, self.ow))
+        self.images_per_product = max(1, -(-gemm_rows // int(rows)))
 
     def conv(self, x, y, parallel):
         """y (N, OH, OW, OC) = conv of channels-last x (N, H, W, C), no bias."""
@@ -92,8 +105,16 @@ class CpuInference:
     # Chunk the batch over threads (a thread takes whole images through all blocks) from this many
     # images per thread; below it, split within images. EmotionClassifier, 2 cores: see the bench.
     CHUNKED_MIN_IMAGES_PER_THREAD = 4
-    CHUNK_IMAGES = 8
+    # On that route each block takes a thread's images in sub-chunks that give its matrix products
+    # about this many rows (tiles): enough for the BLAS to run near its peak, few enough that the
+    # transformed tiles stay in cache (see _Conv.images_per_product).
+    GEMM_ROWS = 64
     WINOGRAD_MIN_CHANNELS = 16
+    # The first of these that applies to a conv's output size: F(6x6, 3x3) on maps of 6x6 tiles,
+    # else F(4x4, 3x3) on maps of 4x4 tiles, else F(2x2, 3x3). EmotionClassifier, batch 64, 2 cores,
+    # medians of 61 interleaved runs: F(6x6) on its 24, 12 and 6 maps 15.8 ms; F(4x4) on 24 and 12
+    # and F(6x6) on 6: 16.4 ms; F(4x4) and F(2x2) on 6: 17.5 ms.
+    WINOGRAD_ORDER = (winograd6, winograd4, winograd)
 
     def __init__(self, plan, input_shape, dtype):
         self.dtype = np.dtype(dtype)
@@ -107,7 +128,8 @@ class CpuInference:
                     raise ValueError("a conv block after Flatten or Linear")
                 if op[1].shape[1] != c:
                     raise ValueError(f"a conv expecting {op[1].shape[1]} channels gets {c}")
-                block = _Conv(*op[1:], (h, w), self.dtype, self.WINOGRAD_MIN_CHANNELS)
+                block = _Conv(*op[1:], (h, w), self.dtype, self.WINOGRAD_MIN_CHANNELS, self.WINOGRAD_ORDER,
+                              self.GEMM_ROWS)
                 self.convs.append(block)
                 c, h, w = block.oc, block.ph, block.pw
             elif op[0] == "flatten":
@@ -135,9 +157,15 @@ class CpuInference:
         return bufs
 
     def _features(self, x, lo, hi, bufs, parallel):
-        h = x[lo:hi]
+        """Images lo..hi through every conv block: all at once (parallel kernels), or, on a worker
+        thread, each block in sub-chunks of its own size (:attr:`_Conv.images_per_product`)."""
+        h = x
         for block, (y, out) in zip(self.convs, bufs["convs"]):
-            h = block.run(h, y[lo:hi], out[lo:hi], parallel)
+            step = hi - lo if parallel else block.images_per_product
+            for a in range(lo, hi, step):
+                b = min(hi, a + step)
+                block.run(h[a:b], y[a:b], out[a:b], parallel)
+            h = out
         return h
 
     def run(self, x):
@@ -150,8 +178,7 @@ class CpuInference:
         if n == 0:
             return np.empty((0, self.linears[-1].wt.shape[1]), self.dtype)
         if threads.available() and workers > 1 and n >= self.CHUNKED_MIN_IMAGES_PER_THREAD * workers:
-            chunk = min(self.CHUNK_IMAGES, -(-n // workers))
-            threads.run_chunks(lambda lo, hi: self._features(x_nhwc, lo, hi, bufs, False), n, chunk)
+            threads.run_chunks(lambda lo, hi: self._features(x_nhwc, lo, hi, bufs, False), n, -(-n // workers))
         else:
             self._features(x_nhwc, 0, n, bufs, True)
         h = (bufs["convs"][-1][1] if self.convs else x_nhwc).reshape(n, -1)

@@ -16,9 +16,10 @@ fewer), with Lavin & Gray's matrices (interpolation points 0, +-1, +-2 and infin
 As in :mod:`.winograd`, the sums over input channels become matrix products, here 36 of them
 (tiles, C) x (C, OC). The larger constants cost accuracy: a float32 result differs from im2col's
 by some 1e-6 relative, against 1e-7 for F(2x2, 3x3) (the tests bound both). It pays where the
-output divides into 4x4 tiles (the EmotionClassifier's 24x24 and 12x12 maps: 1.78x fewer products
-than F(2x2, 3x3)); on a 6x6 map, 2x2 tiles of 4x4 compute 64 outputs for 36, no fewer products.
-Used by the inference session (:mod:`.inference`), forward only. The kernels are serial, for
+output divides into 4x4 tiles (1.78x fewer products than F(2x2, 3x3)); on a 6x6 map, 2x2 tiles of
+4x4 compute 64 outputs for 36, no fewer products. The inference session (:mod:`.inference`) uses
+it on maps that divide into 4x4 but not 6x6 tiles (8x8, 16x16, ...), F(6x6, 3x3) (:mod:`.winograd6`)
+on the rest; forward only. The kernels are serial, for
 worker threads; the obviously-correct version is im2col + GEMM, and the tests tie them.
 """
 import numpy as np
@@ -51,16 +52,19 @@ def filter_transform(weight):
 
 @njit(inline="always")
 def _bt(d0, d1, d2, d3, d4, d5):
-    """The six rows of B^T applied to (d0 .. d5): once on whole rows, once on a tile's columns."""
-    return (4 * d0 - 5 * d2 + d4, -4 * (d1 + d2) + d3 + d4, 4 * (d1 - d2) - d3 + d4,
-            -2 * (d1 - d3) - d2 + d4, 2 * (d1 - d3) - d2 + d4, 4 * d1 - 5 * d3 + d5)
+    """The six rows of B^T applied to (d0 .. d5): once on whole rows, once on a tile's columns.
+    The constants take the data's type, f(4): a bare 4 would turn float32 arithmetic into float64."""
+    f = type(d0)
+    return (f(4) * d0 - f(5) * d2 + d4, f(-4) * (d1 + d2) + d3 + d4, f(4) * (d1 - d2) - d3 + d4,
+            f(-2) * (d1 - d3) - d2 + d4, f(2) * (d1 - d3) - d2 + d4, f(4) * d1 - f(5) * d3 + d5)
 
 
 @njit(inline="always")
 def _at(m0, m1, m2, m3, m4, m5):
     """The four rows of A^T applied to (m0 .. m5): once on a tile's rows, once on its columns."""
+    f = type(m0)
     s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
-    return m0 + s12 + s34, d12 + 2 * d34, s12 + 4 * s34, d12 + 8 * d34 + m5
+    return m0 + s12 + s34, d12 + f(2) * d34, s12 + f(4) * s34, d12 + f(8) * d34 + m5
 
 
 @njit(**_opts)

@@ -1,0 +1,154 @@
+"""3x3 convolution (stride 1) by Winograd's F(6x6, 3x3): 64 multiplications for 36 outputs.
+
+The third of the family (:mod:`.winograd`: F(2x2, 3x3), :mod:`.winograd4`: F(4x4, 3x3)). Each
+8x8 input tile gives a 6x6 block of outputs with 64 products instead of 324 (5.06x fewer), with
+the interpolation points 0, +-1, +-2, +-1/2 and infinity (Lavin & Gray; NNPACK's choice)::
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A
+
+          | 1   0   -21/4  0     21/4   0    -1  0 |         | 1      0      0    |
+          | 0   1    1    -17/4 -17/4   1     1  0 |         | -2/9  -2/9   -2/9  |
+          | 0  -1    1     17/4 -17/4  -1     1  0 |         | -2/9   2/9   -2/9  |
+    B^T = | 0   1/2  1/4  -5/2  -5/4    2     1  0 |     G = | 1/90   1/45   2/45 |
+          | 0  -1/2  1/4   5/2  -5/4   -2     1  0 |         | 1/90  -1/45   2/45 |
+          | 0   2    4    -5/2  -5      1/2   1  0 |         | 32/45  16/45  8/45 |
+          | 0  -2    4     5/2  -5     -1/2   1  0 |         | 32/45 -16/45  8/45 |
+          | 0  -1    0     21/4  0    -21/4   0  1 |         | 0      0      1    |
+
+          | 1  1  1  1   1   1     1     0 |
+          | 0  1 -1  2  -2   1/2  -1/2   0 |
+    A^T = | 0  1  1  4   4   1/4   1/4   0 |
+          | 0  1 -1  8  -8   1/8  -1/8   0 |
+          | 0  1  1  16  16  1/16  1/16  0 |
+          | 0  1 -1  32 -32  1/32 -1/32  1 |
+
+Where it pays: a 6x6 output map with padding 1 (the EmotionClassifier's last block) is one tile,
+the whole padded 8x8 image: 64 products per output channel and input channel, against 144 for
+F(2x2, 3x3)'s nine 4x4 tiles and for F(4x4, 3x3)'s four (their 64 outputs would be mostly
+padding). On the 24x24 and 12x12 maps it needs 1.27x fewer products than F(4x4, 3x3) and writes
+fewer transformed values, and the inference session (:mod:`.inference`) takes it wherever the map
+divides into 6x6 tiles. The price is accuracy: constants up to 32 and 21/4 make float32 results
+differ from im2col's by some 1e-5 relative (1e-6 for F(4x4, 3x3); the tests bound both), below
+what an eval-mode prediction can notice. Forward only, serial kernels for the session's worker
+threads; the obviously-correct version is im2col + GEMM, and the tests tie them.
+"""
+import numpy as np
+from numba import njit
+
+from .winograd import _pad_into
+
+__all__ = ["applies", "filter_transform", "tiles", "conv3x3"]
+
+_opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
+_G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
+               [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
+               [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]])
+
+
+def applies(kernel_size, stride, padding, oh, ow):
+    """True for a 3x3 stride-1 conv whose (oh, ow) output divides into 6x6 tiles."""
+    return kernel_size == 3 and stride == 1 and padding <= 2 and oh % 6 == 0 and ow % 6 == 0
+
+
+def tiles(oh, ow):
+    return oh // 6, ow // 6
+
+
+def filter_transform(weight):
+    """U = G g G^T for every filter: (OC, C, 3, 3) -> (64, C, OC), row 8a + b; in float64, returned
+    in the weight's dtype."""
+    u = np.einsum("ai,ocij,bj->abco", _G, weight.astype(np.float64), _G)
+    return np.ascontiguousarray(u.reshape(64, weight.shape[1], weight.shape[0])).astype(weight.dtype)
+
+
+@njit(inline="always")
+def _bt(d0, d1, d2, d3, d4, d5, d6, d7):
+    """The eight rows of B^T applied to (d0 .. d7), in pairs that share their even and odd parts.
+    The constants take the data's type, f(4.25): a bare 4.25 would make float32 arithmetic float64."""
+    f = type(d0)
+    e1, o1 = d2 + d6 - f(4.25) * d4, d1 + d5 - f(4.25) * d3
+    e3, o3 = f(0.25) * d2 + d6 - f(1.25) * d4, f(0.5) * d1 - f(2.5) * d3 + f(2) * d5
+    e5, o5 = f(4) * d2 + d6 - f(5) * d4, f(2) * d1 - f(2.5) * d3 + f(0.5) * d5
+    return (d0 - d6 + f(5.25) * (d4 - d2), e1 + o1, e1 - o1, e3 + o3, e3 - o3, e5 + o5, e5 - o5,
+            d7 - d1 + f(5.25) * (d3 - d5))
+
+
+@njit(inline="always")
+def _at(m0, m1, m2, m3, m4, m5, m6, m7):
+    """The six rows of A^T applied to (m0 .. m7); constants in the data's type, as in :func:`_bt`."""
+    f = type(m0)
+    s1, d1, s2, d2, s3, d3 = m1 + m2, m1 - m2, m3 + m4, m3 - m4, m5 + m6, m5 - m6
+    return (m0 + s1 + s2 + s3, d1 + f(2) * d2 + f(0.5) * d3, s1 + f(4) * s2 + f(0.25) * s3,
+            d1 + f(8) * d2 + f(0.125) * d3, s1 + f(16) * s2 + f(0.0625) * s3, d1 + f(32) * d2 + f(0.03125) * d3 + m7)
+
+
+@njit(**_opts)
+def input_transform(xp, th, tw, v):
+    """v[8a + b, tile, c] = (B^T d B)[a, b] for the 8x8 tile d (stride 6) of every image of the
+    padded channels-last xp (N, 6 th + 2, 6 tw + 2, C): B^T combines eight whole input rows into
+    the tile row's e[a], then eight columns of each e[a] into v; each inner loop is one contiguous
+    run."""
+    n, hp, wp, c = xp.shape
+    e = np.empty((8, wp * c), xp.dtype)
+    for ni in range(n):
+        for ty in range(th):
+            d0, d1 = xp[ni, 6 * ty].reshape(-1), xp[ni, 6 * ty + 1].reshape(-1)
+            d2, d3 = xp[ni, 6 * ty + 2].reshape(-1), xp[ni, 6 * ty + 3].reshape(-1)
+            d4, d5 = xp[ni, 6 * ty + 4].reshape(-1), xp[ni, 6 * ty + 5].reshape(-1)
+            d6, d7 = xp[ni, 6 * ty + 6].reshape(-1), xp[ni, 6 * ty + 7].reshape(-1)
+            for k in range(wp * c):
+                e[0, k], e[1, k], e[2, k], e[3, k], e[4, k], e[5, k], e[6, k], e[7, k] = _bt(
+                    d0[k], d1[k], d2[k], d3[k], d4[k], d5[k], d6[k], d7[k])
+            for tx in range(tw):
+                t = (ni * th + ty) * tw + tx
+                q = 6 * tx * c                              # column 6tx of the tile row
+                for a in range(8):
+                    r = e[a]
+                    v0, v1, v2, v3 = v[8 * a, t], v[8 * a + 1, t], v[8 * a + 2, t], v[8 * a + 3, t]
+                    v4, v5, v6, v7 = v[8 * a + 4, t], v[8 * a + 5, t], v[8 * a + 6, t], v[8 * a + 7, t]
+                    for ci in range(c):
+                        v0[ci], v1[ci], v2[ci], v3[ci], v4[ci], v5[ci], v6[ci], v7[ci] = _bt(
+                            r[q + ci], r[q + c + ci], r[q + 2 * c + ci], r[q + 3 * c + ci], r[q + 4 * c + ci],
+                            r[q + 5 * c + ci], r[q + 6 * c + ci], r[q + 7 * c + ci])
+    return v
+
+
+@njit(**_opts)
+def output_transform(m, th, tw, out):
+    """out[n, 6ty + r, 6tx + s, o] = (A^T M A)[r, s] of tile (n, ty, tx): rows first (into f), then
+    columns, each a run along the output channels."""
+    n, oh, ow, oc = out.shape
+    f = np.empty((6, 8, oc), m.dtype)
+    for ni in range(n):
+        for ty in range(th):
+            for tx in range(tw):
+                t = (ni * th + ty) * tw + tx
+                for b in range(8):
+                    m0, m1, m2, m3 = m[b, t], m[8 + b, t], m[16 + b, t], m[24 + b, t]
+                    m4, m5, m6, m7 = m[32 + b, t], m[40 + b, t], m[48 + b, t], m[56 + b, t]
+                    f0, f1, f2, f3, f4, f5 = f[0, b], f[1, b], f[2, b], f[3, b], f[4, b], f[5, b]
+                    for o in range(oc):
+                        f0[o], f1[o], f2[o], f3[o], f4[o], f5[o] = _at(m0[o], m1[o], m2[o], m3[o], m4[o], m5[o],
+                                                                       m6[o], m7[o])
+                for r in range(6):
+                    g0, g1, g2, g3 = f[r, 0], f[r, 1], f[r, 2], f[r, 3]
+                    g4, g5, g6, g7 = f[r, 4], f[r, 5], f[r, 6], f[r, 7]
+                    row = out[ni, 6 * ty + r]
+                    y0, y1, y2 = row[6 * tx], row[6 * tx + 1], row[6 * tx + 2]
+                    y3, y4, y5 = row[6 * tx + 3], row[6 * tx + 4], row[6 * tx + 5]
+                    for o in range(oc):
+                        y0[o], y1[o], y2[o], y3[o], y4[o], y5[o] = _at(g0[o], g1[o], g2[o], g3[o], g4[o], g5[o],
+                                                                       g6[o], g7[o])
+    return out
+
+
+def conv3x3(x, u, padding, out):
+    """out (N, OH, OW, OC) = the 3x3 stride-1 convolution of channels-last x (N, H, W, C) with
+    ``u`` = :func:`filter_transform` (64, C, OC), no bias; OH and OW multiples of 6."""
+    n, oh, ow, oc = out.shape
+    th, tw = tiles(oh, ow)
+    c = x.shape[3]
+    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
+    v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
+    m = np.matmul(v, u, out=np.empty((64, v.shape[1], oc), x.dtype))
+    return output_transform(m, th, tw, out)

@@ -1,0 +1,65 @@
+"""Winograd's F(6x6, 3x3) convolution (minicnn/engines/cpu/winograd6.py) against the naive loops."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minicnn.engines.cpu import winograd6
+from minicnn.nn.reference import conv2d_forward
+
+# The matrices as the module's docstring prints them; the kernels hard-code their rows.
+BT = np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0], [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
+               [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0], [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
+               [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0], [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
+               [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0], [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1]])
+AT = np.array([[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0], [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0],
+               [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0], [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
+               [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1]])
+
+
+def _nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def test_the_matrices_compute_a_6x6_correlation():
+    rng = np.random.default_rng(0)
+    d, g = rng.normal(size=(8, 8)), rng.normal(size=(3, 3))
+    y = AT @ ((winograd6._G @ g @ winograd6._G.T) * (BT @ d @ BT.T)) @ AT.T
+    np.testing.assert_allclose(y, [[(d[i:i + 3, j:j + 3] * g).sum() for j in range(6)] for i in range(6)],
+                               atol=1e-12)
+
+
+def test_the_kernels_rows_are_the_matrices():
+    eye = np.eye(8)
+    np.testing.assert_allclose(np.array([winograd6._bt(*row) for row in eye]).T, BT, atol=1e-15)
+    np.testing.assert_allclose(np.array([winograd6._at(*row) for row in eye]).T, AT, atol=1e-15)
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 9), oc=st.integers(1, 9), tiles_h=st.integers(1, 3),
+       tiles_w=st.integers(1, 3), padding=st.integers(0, 2))
+def test_conv3x3_equals_the_naive_loops_in_float64(n, c, oc, tiles_h, tiles_w, padding):
+    oh, ow = 6 * tiles_h, 6 * tiles_w
+    h, w = oh + 2 - 2 * padding, ow + 2 - 2 * padding
+    rng = np.random.default_rng(n * 100 + c * 10 + oc)
+    x, weight = rng.normal(size=(n, c, h, w)), rng.normal(size=(oc, c, 3, 3))
+    assert winograd6.applies(3, 1, padding, oh, ow)
+    out = np.empty((n, oh, ow, oc))
+    winograd6.conv3x3(_nhwc(x), winograd6.filter_transform(weight), padding, out)
+    expected = conv2d_forward(x, weight, np.zeros(oc), 1, padding)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_float32_error_is_small_next_to_the_values():
+    """The EmotionClassifier's last block: 6x6 output, 128 -> 256 channels."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 128, 6, 6)).astype(np.float32)
+    weight = rng.normal(size=(256, 128, 3, 3)).astype(np.float32)
+    out = np.empty((4, 6, 6, 256), np.float32)
+    winograd6.conv3x3(_nhwc(x), winograd6.filter_transform(weight), 1, out)
+    expected = conv2d_forward(x.astype(np.float64), weight.astype(np.float64), np.zeros(256), 1, 1)
+    assert np.abs(out.transpose(0, 3, 1, 2) - expected).max() < 4e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("args, ok", [((3, 1, 1, 6, 6), True), ((3, 1, 1, 12, 24), True), ((3, 1, 1, 8, 8), False),
+                                      ((3, 2, 1, 6, 6), False), ((5, 1, 2, 6, 6), False), ((3, 1, 3, 6, 6), False)])
+def test_applies_only_to_3x3_stride_1_on_6x6_tiles(args, ok):
+    assert winograd6.applies(*args) is ok
