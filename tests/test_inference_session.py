@@ -97,12 +97,13 @@ def test_both_thread_routes_are_taken_and_agree(monkeypatch):
 
 
 def test_each_block_takes_its_winograd_and_its_sub_chunks():
-    """F(6x6, 3x3) on the 24, 12 and 6 maps, im2col for the grey first conv; a worker runs the 24x24
+    """F(6x6, 3x3) on the 24, 12 and 6 maps, the direct kernel for the grey first conv; a worker runs the 24x24
     block two images at a time (36 tiles each, ~64 rows) and the 6x6 block all its images at once."""
     from minicnn.engines.cpu import winograd6
     convs = trained_like().compile_inference()._cpu.convs
     assert [c.winograd for c in convs] == [None, winograd6, winograd6, winograd6]
-    assert [c.images_per_product for c in convs] == [1, 4, 16, 64]
+    assert [c.direct for c in convs] == [True, False, False, False]
+    assert [c.images_per_product for c in convs] == [8, 4, 16, 64]
 
 
 @pytest.mark.parametrize("order", ["F6", "F4", "F2"])

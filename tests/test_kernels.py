@@ -238,3 +238,31 @@ def test_a_fused_conv_block_gives_its_layers_errors(x, message, inference):
             net(x)
     for k, v in net.state_dict().items():           # nothing changed: not even the running statistics
         np.testing.assert_array_equal(v, before[k])
+
+
+@given(n=st.integers(1, 3), oc=st.integers(1, 9), h=st.integers(3, 11), w=st.integers(3, 11),
+       padding=st.integers(0, 2), pool=st.integers(1, 3), serial=st.booleans(), seed=st.integers(0, 99))
+def test_grey_direct_conv_pool_equals_conv_then_pool(n, oc, h, w, padding, pool, serial, seed):
+    """The inference session's first block on one grey channel: the direct kernel against the naive
+    conv, max pooling, bias and ReLU (odd sizes, ragged pooling edges, every padding)."""
+    from minicnn.engines.cpu import kernels
+    rng = np.random.default_rng(seed)
+    x, weight, bias = rng.normal(size=(n, 1, h, w)), rng.normal(size=(oc, 1, 3, 3)), rng.normal(size=oc)
+    y = ref.conv2d_forward(x, weight, np.zeros(oc), 1, padding)
+    assume(y.shape[2] >= pool and y.shape[3] >= pool)
+    expected = np.maximum(ref.maxpool2d_forward(y, pool, pool) + bias[:, None, None], 0)
+    xp = np.pad(x[:, 0], ((0, 0), (padding, padding), (padding, padding)))
+    out = np.empty((n, y.shape[2] // pool, y.shape[3] // pool, oc))
+    kernel = kernels.grey_conv3x3_pool_bias_relu_serial if serial else kernels.grey_conv3x3_pool_bias_relu
+    kernel(xp, np.ascontiguousarray(weight.reshape(oc, 9).T), bias, pool, out)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grey_direct_conv_pool_lets_nan_win_as_pytorch_does():
+    from minicnn.engines.cpu import kernels
+    x = np.ones((1, 6, 6))
+    x[0, 0, 3] = np.nan                       # in conv outputs (0, 1..3): after a finite (0, 0) in window (0, 0)
+    out = np.empty((1, 2, 2, 2))
+    kernels.grey_conv3x3_pool_bias_relu_serial(x, np.ones((9, 2)), np.array([-100.0, 0.0]), 2, out)
+    assert np.isnan(out[0, 0]).all() and not np.isnan(out[0, 1]).any()
+    assert (out[0, 1] == [0, 9]).all()        # -100 + 9 rectified to 0; 0 + 9

@@ -3,7 +3,9 @@
 It replaces, for eval-mode prediction only, every [Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d]
 block (BatchNorm folded into the conv by the session), Flatten, and every Linear (+ ReLU):
 
-* a conv block is a conv without bias into a buffer -- Winograd F(6x6, 3x3) where the output
+* a conv block on one grey channel (3x3, stride 1) is one kernel, the conv summed directly and
+  pooled, biased and rectified in registers (:func:`kernels.grey_conv3x3_pool_bias_relu`);
+* any other conv block is a conv without bias into a buffer -- Winograd F(6x6, 3x3) where the output
   divides into 6x6 tiles (:mod:`.winograd6`), else F(4x4, 3x3) where it divides into 4x4 tiles
   (:mod:`.winograd4`), else F(2x2, 3x3), else (few input channels, other kernels) im2col + one
   matrix product -- then :func:`kernels.pool_bias_relu`: relu(maxpool(y) + b');
@@ -59,17 +61,21 @@ class _Conv:
         self.bias = np.array(b, dtype=dtype)                  # (copies: the session is a snapshot)
         w = np.asarray(w, dtype=dtype)
         self.winograd = None
+        # One grey channel, 3x3, stride 1: computed directly, pooled in registers (no conv buffer).
+        self.direct = c == 1 and k == 3 and stride == 1
         if c >= winograd_min_channels:
             self.winograd = next((m for m in winograd_order if _applies(m, k, stride, padding, self.oh, self.ow)), None)
         if self.winograd is not None:
             self.filters = np.array(self.winograd.filter_transform(w), copy=True)   # (tile planes, C, OC)
+        elif self.direct:
+            self.filters = np.array(w.reshape(oc, 9).T, order="C")                  # (9 taps, OC)
         else:
             self.filters = np.array(np.asarray(w, dtype=dtype).transpose(2, 3, 1, 0).reshape(k * k * c, oc), order="C")
         # Rows of one image in this block's matrix products: its tiles, or (im2col) its output pixels.
         # A worker thread runs the block on this many images at a time: the 24x24 map's 36 tiles of
         # 4x4 two images at a time, the 6x6 map's single tile 64 images at a time (or all it has).
         rows = self.oh * self.ow if self.winograd is None else np.prod(self.winograd.tiles(self.oh, self.ow))
-        self.images_per_product = max(1, -(-gemm_rows // int(rows)))
+        self.images_per_product = 8 if self.direct else max(1, -(-gemm_rows // int(rows)))
 
     def conv(self, x, y, parallel):
         """y (N, OH, OW, OC) = conv of channels-last x (N, H, W, C), no bias."""
@@ -84,6 +90,14 @@ class _Conv:
         return y
 
     def run(self, x, y, out, parallel):
+        if self.direct:
+            n, h, wd, _ = x.shape
+            p = self.padding
+            xp = np.zeros((n, h + 2 * p, wd + 2 * p), x.dtype)
+            xp[:, p:p + h, p:p + wd] = x[..., 0]
+            parallel = parallel and out.size >= PARALLEL_MIN_VALUES
+            return (cpu.grey_conv3x3_pool_bias_relu if parallel else cpu.grey_conv3x3_pool_bias_relu_serial)(
+                xp, self.filters, self.bias, self.pool, out)
         self.conv(x, y, parallel)
         parallel = parallel and y.size >= PARALLEL_MIN_VALUES
         (cpu.pool_bias_relu if parallel else cpu.pool_bias_relu_serial)(y, self.bias, self.pool, out)
@@ -148,8 +162,8 @@ class CpuInference:
     def _buffers_for(self, n):
         bufs = self._buffers.get(n)
         if bufs is None:
-            bufs = {"convs": [(np.empty((n, b.oh, b.ow, b.oc), self.dtype), np.empty((n, b.ph, b.pw, b.oc), self.dtype))
-                              for b in self.convs],
+            bufs = {"convs": [(None if b.direct else np.empty((n, b.oh, b.ow, b.oc), self.dtype),
+                               np.empty((n, b.ph, b.pw, b.oc), self.dtype)) for b in self.convs],
                     "linears": [np.empty((n, lin.wt.shape[1]), self.dtype) for lin in self.linears]}
             if len(self._buffers) >= 8:              # (a few batch sizes at most)
                 self._buffers.pop(next(iter(self._buffers)))
@@ -164,7 +178,7 @@ class CpuInference:
             step = hi - lo if parallel else block.images_per_product
             for a in range(lo, hi, step):
                 b = min(hi, a + step)
-                block.run(h[a:b], y[a:b], out[a:b], parallel)
+                block.run(h[a:b], None if y is None else y[a:b], out[a:b], parallel)
             h = out
         return h
 

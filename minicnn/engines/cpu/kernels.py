@@ -465,6 +465,59 @@ def pool_bias_relu_serial(x, bias, k, out):
     return out
 
 
+# The first conv of a grey image has one input channel: im2col would make a matrix product with
+# only 9 columns (K = 9), slow for a BLAS, and the pooling would then read its whole output again.
+# Computed directly, each output pixel is 9 scalar taps times 9 weight vectors (vectorised over the
+# output channels), pooled, biased and rectified while still in registers; only the pooled map is
+# written.
+
+@njit(inline="always")
+def _grey_conv3x3_pool_bias_relu_row(xp, w, bias, pool, out, r):
+    """Pooled row r = (n, py) of relu(maxpool_pool(conv3x3(x)) + bias): xp (N, H + 2p, W + 2p) the
+    zero-padded grey images, w (9, OC) the taps in row-major order."""
+    ph, pw, oc = out.shape[1], out.shape[2], out.shape[3]
+    ni, py = r // ph, r % ph
+    zero = bias[0] * 0
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    for px in range(pw):
+        o = out[ni, py, px]
+        for i in range(pool):
+            oy = py * pool + i
+            r0, r1, r2 = xp[ni, oy], xp[ni, oy + 1], xp[ni, oy + 2]
+            for j in range(pool):
+                ox = px * pool + j
+                t0, t1, t2 = r0[ox], r0[ox + 1], r0[ox + 2]
+                t3, t4, t5 = r1[ox], r1[ox + 1], r1[ox + 2]
+                t6, t7, t8 = r2[ox], r2[ox + 1], r2[ox + 2]
+                first = i == 0 and j == 0
+                for co in range(oc):
+                    v = (t0 * w0[co] + t1 * w1[co] + t2 * w2[co] + t3 * w3[co] + t4 * w4[co]
+                         + t5 * w5[co] + t6 * w6[co] + t7 * w7[co] + t8 * w8[co])
+                    if first or v > o[co] or (v != v and o[co] == o[co]):     # (a NaN wins)
+                        o[co] = v
+        for co in range(oc):
+            v = o[co] + bias[co]
+            o[co] = v if v > 0 or v != v else zero
+
+
+@njit(**_opts)
+def grey_conv3x3_pool_bias_relu(xp, w, bias, pool, out):
+    """out (N, PH, PW, OC) = relu(maxpool_pool(conv3x3(x)) + bias) for one input channel, stride 1,
+    computed directly (no im2col); xp is x zero-padded. Its reference: conv, then
+    :func:`pool_bias_relu`."""
+    for r in prange(out.shape[0] * out.shape[1]):
+        _grey_conv3x3_pool_bias_relu_row(xp, w, bias, pool, out, r)
+    return out
+
+
+@njit(**_serial)
+def grey_conv3x3_pool_bias_relu_serial(xp, w, bias, pool, out):
+    """:func:`grey_conv3x3_pool_bias_relu` without threads (for worker threads)."""
+    for r in range(out.shape[0] * out.shape[1]):
+        _grey_conv3x3_pool_bias_relu_row(xp, w, bias, pool, out, r)
+    return out
+
+
 @njit(inline="always")
 def _bn_relu_pool_grad_row(g, arg, x, scale, shift, mean, k, s1, s2, r):
     """Add output row r = (n, y)'s share of :func:`bn_relu_pool_grad_sums` into s1, s2.
