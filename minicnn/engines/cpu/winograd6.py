@@ -43,6 +43,7 @@ _opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
 _G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
                [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
                [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]])
+_GG = np.kron(_G, _G)          # (64, 9): row 8a + b, column 3i + j: G[a, i] G[b, j]
 
 
 def applies(kernel_size, stride, padding, oh, ow):
@@ -55,10 +56,11 @@ def tiles(oh, ow):
 
 
 def filter_transform(weight):
-    """U = G g G^T for every filter: (OC, C, 3, 3) -> (64, C, OC), row 8a + b; in float64, returned
-    in the weight's dtype."""
-    u = np.einsum("ai,ocij,bj->abco", _G, weight.astype(np.float64), _G)
-    return np.ascontiguousarray(u.reshape(64, weight.shape[1], weight.shape[0])).astype(weight.dtype)
+    """U = G g G^T for every filter: (OC, C, 3, 3) -> (64, C, OC), row 8a + b: one float64 matrix
+    product (64, 9) x (9, C OC), returned in the weight's dtype."""
+    oc, c = weight.shape[:2]
+    u = _GG @ np.asarray(weight, dtype=np.float64).transpose(1, 0, 2, 3).reshape(c * oc, 9).T
+    return np.ascontiguousarray(u.reshape(64, c, oc), dtype=weight.dtype)
 
 
 @njit(inline="always")
