@@ -83,7 +83,8 @@ def recipe_from_args(args, builtin=False):
         augment["erase"] = args.erase
     given = {k: v for k, v in dict(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                    weight_decay=args.weight_decay, schedule=args.schedule,
-                                   label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm).items()
+                                   label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
+                                   ema=args.ema).items()
              if v is not None}
     if finetune and "lr" not in given and "lr" not in preset:
         given["lr"] = 0.01
@@ -395,6 +396,9 @@ def build_parser():
         p.add_argument("--schedule", default=None, choices=list(SCHEDULES), help="default cosine")
         p.add_argument("--label-smoothing", type=float, default=None, help="default 0.1")
         p.add_argument("--clip-grad-norm", type=float, default=None, help="default 5; 0 turns clipping off")
+        p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                       help="validate, keep and ship a moving average of the weights with this decay per step "
+                            "(e.g. 0.999; default: the recipe's, 0: off)")
         p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
         p.add_argument("--erase", type=float, default=None,
                        help="probability of random erasing (default: the recipe's; 0 for default)")

@@ -236,6 +236,21 @@ def test_ranks_with_sync_batchnorm_equal_one_process_uneven_split(tmp_path):
     assert meta["world_size"] == 3 and meta["bn"] == "sync"
 
 
+@pytest.mark.parametrize("bn", ["sync", "local"])
+def test_a_weight_average_is_the_same_on_every_rank(tmp_path, bn):
+    """recipe.ema: with sync BatchNorm the ranks' average equals one process's; with local
+    BatchNorm each rank's averaged statistics are made the ranks' mean, as the live ones are."""
+    data = small_data()
+    recipe = Recipe(epochs=2, batch_size=10, dropout=0.0, augment=None, lr=0.05, ema=0.9)
+    trainers = _run_ranks(2, data, recipe, tmp_path / "dp", bn=bn)
+    for tr in trainers[1:]:
+        assert_same_weights(trainers[0].average.state_dict(), tr.average.state_dict())
+    if bn == "sync":
+        one = _single(data, recipe, tmp_path / "one")
+        assert_same_weights(one.average.state_dict(), trainers[0].average.state_dict())
+        assert [h["val_acc"] for h in one.history] == [h["val_acc"] for h in trainers[0].history]
+
+
 def test_local_batchnorm_averages_running_statistics_over_ranks(tmp_path):
     data = small_data()
     recipe = Recipe(epochs=1, batch_size=8, dropout=0.0, augment=None)

@@ -55,14 +55,15 @@ def test_same_seed_same_run(tmp_path):
         np.testing.assert_array_equal(v, weights(b)[k])
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.9])           # without and with a weight average
 @pytest.mark.parametrize("stop_after", [3, 6, 9])     # mid-epoch, end of an epoch, mid-epoch 2
-def test_resume_ends_with_exactly_the_uninterrupted_weights(tmp_path, stop_after):
+def test_resume_ends_with_exactly_the_uninterrupted_weights(tmp_path, stop_after, ema):
     quiet = dict(progress=False, log=lambda m: None)
-    straight = Trainer(tiny_data(), tiny_recipe(), out_dir=str(tmp_path / "straight"), **quiet)
+    straight = Trainer(tiny_data(), tiny_recipe(ema=ema), out_dir=str(tmp_path / "straight"), **quiet)
     straight.fit()
 
     out = str(tmp_path / "stopped")
-    first = Trainer(tiny_data(), tiny_recipe(), out_dir=out, **quiet)
+    first = Trainer(tiny_data(), tiny_recipe(ema=ema), out_dir=out, **quiet)
     step = first.optimizer.step
     calls = []
 
@@ -77,11 +78,15 @@ def test_resume_ends_with_exactly_the_uninterrupted_weights(tmp_path, stop_after
     meta = json.loads(open(os.path.join(out, "last.json")).read())
     assert meta["epoch"] * 6 + meta["batch"] == stop_after       # 96 images / 16 = 6 steps per epoch
 
-    resumed = Trainer(tiny_data(), tiny_recipe(), out_dir=out, **quiet)
+    resumed = Trainer(tiny_data(), tiny_recipe(ema=ema), out_dir=out, **quiet)
     resumed.fit(resume=True)
     for k, v in weights(straight).items():
         np.testing.assert_array_equal(weights(resumed)[k], v, err_msg=k)
     assert [h["val_acc"] for h in resumed.history] == [h["val_acc"] for h in straight.history]
+    if ema:
+        assert resumed.average.steps == straight.average.steps == 12
+        for k, v in straight.average.state_dict().items():
+            np.testing.assert_array_equal(resumed.average.state_dict()[k], v, err_msg=f"average of {k}")
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):

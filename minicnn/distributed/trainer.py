@@ -112,6 +112,8 @@ class DistributedTrainer(Trainer):
         """What must be the same on every rank: parameters, float buffers, optimizer state."""
         arrays = [p.data for p in self.model.parameters()]
         arrays += [b for _, b in self.model.named_buffers() if b.dtype.kind == "f"]
+        if self.average is not None:
+            arrays += [a for a in self.average.avg.values() if a.dtype.kind == "f"]
         arrays += [v for state in self.optimizer.state for v in state.values() if hasattr(v, "shape")]
         return arrays
 
@@ -145,7 +147,10 @@ class DistributedTrainer(Trainer):
         """bn='local': every rank's running statistics := their mean over the ranks."""
         if self.bn != "local" or self.ranks == 1:
             return
-        for name, b in self.model.named_buffers():
+        buffers = list(self.model.named_buffers())
+        if self.average is not None:          # (the average of each rank's statistics: averaged alike)
+            buffers += list(self.average.avg.items())
+        for name, b in buffers:
             if name.endswith(("running_mean", "running_var")):
                 self.comm.allreduce(b)
                 b *= b.dtype.type(1.0 / self.ranks)
@@ -193,7 +198,8 @@ class DistributedTrainer(Trainer):
             self._average_batchnorm_statistics()
         x, y = self.data[split]
         part = self._shard(len(y))
-        probs = predict_proba(model, x[part], self.mean, self.std, tta=tta, device=self.device)
+        with contextlib.nullcontext() if model is not self.model else self.averaged_weights():
+            probs = predict_proba(model, x[part], self.mean, self.std, tta=tta, device=self.device)
         probs = np.concatenate(self.comm.allgather_object(probs))     # (in order: the shards are contiguous)
         report = classification_report(y, probs.argmax(1), self.classes)
         report["probs"] = probs
@@ -221,7 +227,7 @@ class DistributedTrainer(Trainer):
     def _meta(self, **extra):
         return super()._meta(world_size=self.ranks, bn=self.bn, rank_rng=getattr(self, "_rank_rng", None), **extra)
 
-    def save(self, name):
+    def save(self, name, averaged=False):
         """Collective: every rank calls it; statistics averaged (bn local), every rank's random state
         gathered, rank 0 writes, then all wait for it."""
         self._average_batchnorm_statistics()
@@ -231,7 +237,7 @@ class DistributedTrainer(Trainer):
         error = None
         if self.rank == 0:
             try:
-                path = super().save(name)
+                path = super().save(name, averaged)
             except Exception as exc:          # (every rank raises it, after the barrier)
                 error = exc
         error = self.comm.bcast_object(None if error is None else (type(error), str(error)), root=0)

@@ -15,6 +15,7 @@ accuracy improves, ``best.npz``. ``fit(resume=True)`` continues from
 ``last.npz`` -- even mid-epoch after Ctrl-C -- and ends with exactly the
 weights an uninterrupted run would have.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ from ..nn import CrossEntropyLoss, no_grad
 from ..optim import SGD, Adam, AdamW
 from .checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_stale_temporaries,
                          repair_sidecar, save_checkpoint)
+from .averaging import WeightAverage
 from .metrics import classification_report
 from .schedules import SCHEDULES, make_schedule
 
@@ -103,6 +105,9 @@ class Recipe:
     init: str = None
     features_lr_scale: float = 1.0
     freeze: str = "none"
+    # Validate, keep and ship a moving average of the weights with this decay per step (0: off;
+    # 0.999 remembers about 1,000 steps): see minicnn/training/averaging.py.
+    ema: float = 0.0
 
     def __post_init__(self):
         """Every value checked before any work: a clear ValueError naming the setting."""
@@ -133,6 +138,7 @@ class Recipe:
             ("features_lr_scale", number(self.features_lr_scale) and self.features_lr_scale >= 0,
              "a finite number >= 0"),
             ("freeze", self.freeze in ("none", "features"), "none or features"),
+            ("ema", number(self.ema) and 0 <= self.ema < 1, "in [0, 1) (0 turns the average off)"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -376,6 +382,7 @@ class Trainer:
                 raise ValueError("--cuda-graph with a separate rate for the features is not supported")
             self.optimizer.set_lr_scale(self.model.features.parameters(), r.features_lr_scale)
         self.criterion = CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        self.average = WeightAverage(self.model, r.ema) if r.ema else None
         augment = Augment(**r.augment) if r.augment else None
         self.train_loader = BatchLoader(train_x, train_y, r.batch_size, shuffle=True, augment=augment,
                                         mean=self.mean, std=self.std, seed=r.seed, drop_last=True, device=device,
@@ -408,12 +415,20 @@ class Trainer:
                     data=self.data_description, epoch=self.epoch, batch=self.batch,
                     schedule=self.schedule.state_dict(), rng=self.model.rng_states(),
                     history=self.history, best_val_acc=self.best_val_acc, partial=self._partial,
-                    data_fingerprint=self.data_fingerprint, **extra)
+                    data_fingerprint=self.data_fingerprint,
+                    average_steps=None if self.average is None else self.average.steps, **extra)
 
-    def save(self, name):
+    def save(self, name, averaged=False):
         """Save a checkpoint, after checking that every array in it is finite (a diverged run saves
-        nothing, so the last good checkpoint stays)."""
+        nothing, so the last good checkpoint stays). With a weight average (``recipe.ema``) its arrays
+        go beside the optimizer's (``ema/<name>``); ``averaged``: the model arrays are the average's
+        (best.npz: what was validated, and what ships)."""
         state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.average is not None:
+            ema = self.average.state_dict()
+            optim_state.update({f"ema/{k}": v for k, v in ema.items()})
+            if averaged:
+                state = ema
         bad = [k for k, v in list(state.items()) + [(f"optimizer {k}", v) for k, v in optim_state.items()]
                if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()]
         if bad:
@@ -436,9 +451,12 @@ class Trainer:
             raise CheckpointError(f"{path} was trained on other data ({meta.get('data') or 'unknown'}; fingerprint "
                                   f"{meta['data_fingerprint']}, this data's is {self.data_fingerprint}): resume with "
                                   "the same --data, --val-fraction and --seed")
+        ema = {k[4:]: optim_state.pop(k) for k in list(optim_state) if k.startswith("ema/")}
         try:
             self.model.load_state_dict(state)
             self.optimizer.load_state_dict(optim_state)
+            if self.average is not None:
+                self.average.load_state_dict(ema, meta.get("average_steps") or 0)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         self.model.set_rng_states(meta["rng"])
@@ -496,6 +514,8 @@ class Trainer:
             for x, y in self.train_loader.epoch(self.epoch, start_batch=self.batch):
                 opt.lr = self.schedule.lr(self.epoch, self.batch)
                 loss, correct = step(x, y)            # eager, or replayed as a CUDA graph
+                if self.average is not None:
+                    self.average.update(self.model)
                 images = self._images_in(y)
                 pending.append((self.batch, opt.lr, loss, correct, images))
                 if len(pending) >= read_every:
@@ -599,7 +619,8 @@ class Trainer:
                     self.log("interrupted inside a step: kept the last checkpoint as it was")
                 raise
             p = self._partial
-            val_loss, val_acc = self._validate()
+            with self.averaged_weights():
+                val_loss, val_acc = self._validate()
             if not math.isfinite(val_loss):
                 raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {self.epoch + 1}; "
                                        f"nothing was saved, so the last good checkpoint in {self.out_dir} is intact. "
@@ -614,7 +635,7 @@ class Trainer:
             self.epoch, self.batch = self.epoch + 1, 0
             self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             if improved:                       # best first: last.npz, written next, already says it is best
-                self.save("best.npz")
+                self.save("best.npz", averaged=True)
             self.save("last.npz")
             if log_path is not None:           # (rewritten from last.npz's history on --resume)
                 with open(log_path, "a") as f:
@@ -624,13 +645,18 @@ class Trainer:
                      f"{' (best)' if improved else ''} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
         return self.history
 
+    def averaged_weights(self):
+        """A context in which the model holds the weight average (``recipe.ema``; else its own)."""
+        return contextlib.nullcontext() if self.average is None else self.average.swapped_in(self.model)
+
     def evaluate(self, split="test", tta=False, weights="best"):
-        """Metrics on a split with the best (or current) weights."""
+        """Metrics on a split with the best (or current: with ``recipe.ema``, averaged) weights."""
         model = self.model
         if weights == "best" and os.path.exists(os.path.join(self.out_dir, "best.npz")):
             model, _ = load_model(os.path.join(self.out_dir, "best.npz"), self.device)
         x, y = self.data[split]
-        probs = predict_proba(model, x, self.mean, self.std, tta=tta, device=self.device)
+        with contextlib.nullcontext() if model is not self.model else self.averaged_weights():
+            probs = predict_proba(model, x, self.mean, self.std, tta=tta, device=self.device)
         report = classification_report(y, probs.argmax(1), self.classes)
         report["probs"] = probs
         return report
