@@ -83,6 +83,7 @@ def test_training_validates_and_keeps_the_average(tmp_path):
     with tr.averaged_weights():
         _, val_acc = tr._validate()
     assert tr.history[-1]["val_acc"] == val_acc
+    assert tr.history[-1]["val_acc_live"] == tr._validate()[1]              # and the live weights' beside it
     assert tr.evaluate("val", weights="current")["accuracy"] == pytest.approx(val_acc)
     assert tr.evaluate("val", weights="best")["accuracy"] == pytest.approx(val_acc)
 

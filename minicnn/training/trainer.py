@@ -621,6 +621,10 @@ class Trainer:
             p = self._partial
             with self.averaged_weights():
                 val_loss, val_acc = self._validate()
+            live = {}
+            if self.average is not None:          # the live weights too: what the average gains, every epoch
+                live_loss, live_acc = self._validate()
+                live = dict(val_loss_live=live_loss, val_acc_live=live_acc)
             if not math.isfinite(val_loss):
                 raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {self.epoch + 1}; "
                                        f"nothing was saved, so the last good checkpoint in {self.out_dir} is intact. "
@@ -628,7 +632,8 @@ class Trainer:
             self.schedule.end_epoch(val_acc)
             row = dict(epoch=self.epoch + 1, train_loss=p["loss"] / max(p["seen"], 1),
                        train_acc=p["correct"] / max(p["seen"], 1), val_loss=val_loss, val_acc=val_acc,
-                       lr=self.optimizer.lr, seconds=p["seconds"], images_per_s=p["seen"] / max(p["seconds"], 1e-9))
+                       lr=self.optimizer.lr, seconds=p["seconds"], images_per_s=p["seen"] / max(p["seconds"], 1e-9),
+                       **live)
             self.history.append(row)
             improved = val_acc > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_acc)
@@ -642,7 +647,9 @@ class Trainer:
                     f.write(json.dumps(row) + "\n")
             self.log(f"epoch {row['epoch']}/{self.recipe.epochs}: train loss {row['train_loss']:.3f} "
                      f"acc {row['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f}"
-                     f"{' (best)' if improved else ''} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+                     f"{' (best)' if improved else ''}"
+                     f"{' (live weights: %.3f)' % live['val_acc_live'] if live else ''}"
+                     f" | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
         return self.history
 
     def averaged_weights(self):
