@@ -22,15 +22,19 @@ What compiling does, once, so that a call does only arithmetic:
 * **The CPU's threads**: a batch of many images is split into chunks, each taken by one thread
   through *all* the conv blocks while its data is in cache (one parallel region for the whole
   feature extractor); a batch of one or a few images is split within the image instead (numba's
-  parallel loops, the BLAS's threads).
+  parallel loops, the BLAS's threads). See :mod:`minicnn.engines.cpu.inference`.
+* **On a GPU** (the GPU engine, :mod:`minicnn.engines.gpu.inference`): Winograd convolutions whose
+  output kernels also pool, add the bias and rectify (no im2col matrix, no full-size conv output),
+  and from the second call with a batch size the whole forward replayed as one CUDA graph.
 
 A session is a snapshot: it reads the model's weights when it is made (make a new one after
 training further). Its results equal the model's eval-mode forward to float32 rounding (the tests
 compare them, and gradcheck-style, the folding itself in float64). An output holding a NaN or
 inf is recomputed by the model itself, so non-finite values behave exactly as the layers do.
 Models the session cannot compile (other layers than Conv2d/BatchNorm2d/ReLU/MaxPool2d blocks,
-Flatten, Linear, ReLU and Dropout) and arrays on the GPU run the model's own eval forward
-(``session.route`` says which).
+Flatten, Linear, ReLU and Dropout; on a GPU, also other convs than 3x3 stride 1, or with the
+textbook engine chosen) run the model's own eval forward (``session.route``: "cpu", "gpu" or
+"model").
 """
 import numpy as np
 
@@ -105,14 +109,17 @@ class InferenceSession:
         self.dtype = model.dtype
         self.device = device_of(model.parameters()[0].data)
         self.num_classes = getattr(model, "num_classes", None)
-        plan = compile_plan(model) if self.device == "cpu" else None
-        self._cpu = None
+        plan = compile_plan(model)
+        self._cpu = self._gpu = None
         if plan is not None:
             from . import engines
-            if engines.cpu_available():
+            if self.device == "cpu" and engines.cpu_available():
                 from .engines.cpu.inference import CpuInference
                 self._cpu = CpuInference(plan, self.input_shape, self.dtype)
-        self.route = "cpu" if self._cpu is not None else "model"
+            elif self.device == "gpu" and engines.current() == "auto":
+                from .engines.gpu.inference import compile_gpu
+                self._gpu = compile_gpu(plan, self.input_shape, self.dtype)
+        self.route = "cpu" if self._cpu is not None else "gpu" if self._gpu is not None else "model"
 
     def __repr__(self):
         return f"InferenceSession({type(self.model).__name__}, input {self.input_shape}, route={self.route!r})"
@@ -131,6 +138,10 @@ class InferenceSession:
         if self._cpu is not None and device_of(x) == "cpu":
             out = self._cpu.run(x)
             if np.isfinite(out).all():
+                return out
+        elif self._gpu is not None:
+            out = self._gpu.run(to_device(x, "gpu"))
+            if bool(get_array_module(out).isfinite(out).all()):
                 return out
         return self._model_forward(x)
 

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from minicnn.benchmarks import run as bench
@@ -119,6 +120,18 @@ def test_gpu_rows_get_ratios_to_both_pytorch_cuda_settings_and_cpu_rows_to_the_c
 
 def test_the_cuda_graph_backend_runs_its_steps(gpu, capturable_cublas):
     _run_gpu_backends(("minicnn-cupy-graph",))
+
+
+def test_the_gpu_session_backend_infers_and_replays_a_graph(gpu, capturable_cublas):
+    from minicnn.backend import to_numpy
+    backend = next(b for b in bench.all_backends() if b.name == "minicnn-cupy-session")
+    assert backend.name in bench.GPU_BACKENDS and "minicnn-cupy-session-tf32" in bench.GPU_BACKENDS
+    train, infer = backend.prepare(4)
+    assert train is None                                  # inference only
+    for _ in range(3):                                    # eager, captured, replayed
+        out = infer()
+    backend.sync()
+    assert to_numpy(out).shape == (4, 7) and np.isfinite(to_numpy(out)).all()
 
 
 def test_the_cuda_graph_backend_is_available_where_products_can_be_captured(gpu, monkeypatch):

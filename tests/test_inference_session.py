@@ -233,15 +233,51 @@ print("ok")
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
-def test_on_the_gpu_the_session_runs_the_model(gpu):
+def test_on_the_gpu_the_session_equals_the_model_and_replays_a_graph(gpu, capturable_cublas):
     from minicnn.backend import to_device, to_numpy
     model = trained_like().to("gpu")
     session = model.compile_inference()
-    assert session.route == "model"
-    x = np.random.default_rng(0).normal(size=(2, 1, 48, 48)).astype(np.float32)
+    assert session.route == "gpu"
+    blocks = session._gpu.convs
+    assert [b.grey for b in blocks] == [True, False, False, False]
+    assert [None if b.grey else b.m for b in blocks] == [None, 4, 4, 2]        # F(4x4) on 24, 12; F(2x2) on 6
+    for n in (3, 1):
+        x = np.random.default_rng(n).normal(size=(n, 1, 48, 48)).astype(np.float32)
+        with no_grad():
+            expected = to_numpy(model.eval()(to_device(x, "gpu")))
+        for call in range(3):                      # eager, then captured, then replayed
+            np.testing.assert_allclose(to_numpy(session.run(to_device(x, "gpu"))), expected, rtol=1e-4, atol=1e-5)
+    assert session._gpu.replays == 4 and sorted(session._gpu._graphs) == [1, 3]     # 2 replays per size
+    bad = np.full((2, 1, 48, 48), np.nan, np.float32)                         # non-finite: the model's own values
     with no_grad():
-        expected = to_numpy(model(to_device(x, "gpu")))
-    np.testing.assert_allclose(to_numpy(session.run(to_device(x, "gpu"))), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.isnan(to_numpy(session.run(to_device(bad, "gpu")))),
+                                      np.isnan(to_numpy(model(to_device(bad, "gpu")))))
+
+
+def test_on_the_gpu_what_the_kernels_do_not_cover_runs_the_model(gpu):
+    from minicnn.engines import using
+    odd = Sequential(Conv2d(1, 4, 3, stride=2, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Flatten(),
+                     Linear(4 * 6 * 6, 3)).to("gpu")
+    assert InferenceSession(odd, input_shape=(1, 24, 24)).route == "model"           # a stride-2 conv
+    with using("textbook"):
+        assert trained_like().to("gpu").compile_inference().route == "model"        # the textbook chosen
+
+
+@pytest.mark.parametrize("padding, pool", [(0, 1), (1, 2), (2, 1)])
+def test_the_gpu_conv_kernels_equal_the_naive_loops(gpu, padding, pool):
+    """The grey direct kernel and both Winograd sizes, with every padding, against conv, pool, bias
+    and ReLU in float64 (odd channel counts; maps of 4x4 and of 2x2 tiles only)."""
+    from minicnn.backend import to_device, to_numpy
+    from minicnn.engines.gpu.inference import _Conv
+    from minicnn.nn.reference import conv2d_forward, maxpool2d_forward
+    rng = np.random.default_rng(padding * 10 + pool)
+    for c, oc, hw in ((1, 5, 10 - 2 * padding + 2), (3, 7, 8 - 2 * padding + 2), (6, 3, 6 - 2 * padding + 2)):
+        x, w, b = rng.normal(size=(2, c, hw, hw)), rng.normal(size=(oc, c, 3, 3)), rng.normal(size=oc)
+        block = _Conv(w, b, 1, padding, pool, (hw, hw), np.float64)
+        out = to_numpy(block.run(to_device(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), "gpu")))
+        y = conv2d_forward(x, w, np.zeros(oc), 1, padding)
+        expected = np.maximum(maxpool2d_forward(y, pool, pool) + b[:, None, None], 0)
+        np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_the_tta_comparison_example_runs(capsys):

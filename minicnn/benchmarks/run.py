@@ -57,7 +57,8 @@ RESULTS = (os.path.normpath(_CHECKOUT_RESULTS) if os.path.isdir(_CHECKOUT_RESULT
            else os.path.join(os.getcwd(), "minicnn-benchmarks"))
 FER2013_TRAIN = 28709          # images in FER2013's Training split: one epoch
 GPU_BACKENDS = ["minicnn-cupy-plain", "minicnn-cupy", "minicnn-cupy-tf32", "minicnn-cupy-graph",
-                "minicnn-cupy-graph-tf32", "torch-cuda", "torch-cuda-fp32", "minicnn-fast", "torch-cpu-cl"]
+                "minicnn-cupy-graph-tf32", "minicnn-cupy-session", "minicnn-cupy-session-tf32", "torch-cuda",
+                "torch-cuda-fp32", "minicnn-fast", "torch-cpu-cl"]
 
 # Multiply-accumulates per image of the forward pass, layer by layer.
 _FWD_MACS = {
@@ -319,6 +320,8 @@ def all_backends():
         MinicnnBackend("minicnn-cupy-tf32", "gpu", fast=True, tf32=True),
         MinicnnBackend("minicnn-cupy-graph", "gpu", fast=True, graph=True),
         MinicnnBackend("minicnn-cupy-graph-tf32", "gpu", fast=True, graph=True, tf32=True),
+        MinicnnBackend("minicnn-cupy-session", "gpu", fast=True, session=True),
+        MinicnnBackend("minicnn-cupy-session-tf32", "gpu", fast=True, session=True, tf32=True),
         TorchBackend("torch-cpu", "cpu", channels_last=False),
         TorchBackend("torch-cpu-cl", "cpu", channels_last=True),
         TorchBackend("torch-cuda", "cuda", channels_last=False),

@@ -40,6 +40,10 @@ __all__ = ["applies", "filter_transform", "conv3x3", "weight_grad_sums", "weight
 _opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 _GG = np.kron(_G, _G)          # (16, 9): row 4a + b, column 3i + j: G[a, i] G[b, j]
+# B^T and A^T as matrices (the kernels below hard-code their rows; the GPU engine's inference
+# kernels take them as arrays).
+BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
 
 
 def applies(kernel_size, stride, padding):

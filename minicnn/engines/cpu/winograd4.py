@@ -32,6 +32,11 @@ __all__ = ["applies", "filter_transform", "tiles", "conv3x3"]
 _opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
 _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+# B^T and A^T as matrices (the kernels below hard-code their rows; the GPU engine's inference
+# kernels take them as arrays).
+BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64)
 
 
 def applies(kernel_size, stride, padding, oh, ow):

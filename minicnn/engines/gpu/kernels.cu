@@ -525,3 +525,121 @@ extern "C" __global__ void bn_relu_pool_backward_nhwc(const real* g, const unsig
         else bn_relu_pool_backward_group<1>(g, arg, y, scale, shift, a, b, c0, dy, e, groups, h, w, c, k, oh, ow);
     }
 }
+
+// ---- Inference (minicnn/engines/gpu/inference.py): BatchNorm folded, no im2col, no conv buffer ----
+
+// The grey first conv, direct: out[n, py, px, o] = relu(max over the pool x pool window of
+// sum_{i,j} x[n, y + i - p, x + j - p] w[3i + j, o] + b[o]) for one input channel (x: (N, H, W)),
+// as the CPU engine's grey_conv3x3_pool_bias_relu (a NaN wins the window and stays NaN).
+extern "C" __global__ void grey_conv3x3_pool_bias_relu_nhwc(const real* x, const real* wt, const real* b, real* out,
+                                                            int n, int h, int w, int oc, int p, int pool, int ph,
+                                                            int pw) {
+    const idx total = (idx)n * ph * pw * oc;
+    GRID_STRIDE_LOOP(e, total) {
+        int o = (int)(e % oc), px = (int)((e / oc) % pw), py = (int)((e / ((idx)oc * pw)) % ph);
+        idx ni = e / ((idx)oc * pw * ph);
+        const real* img = x + ni * h * w;
+        real best = 0;
+        for (int wi = 0; wi < pool * pool; ++wi) {
+            int oy = py * pool + wi / pool, ox = px * pool + wi % pool;
+            real s = 0;
+            for (int i = 0; i < 3; ++i) {
+                int yy = oy + i - p;
+                if (yy < 0 || yy >= h) continue;
+                for (int j = 0; j < 3; ++j) {
+                    int xx = ox + j - p;
+                    if (xx >= 0 && xx < w) s += img[yy * w + xx] * wt[(i * 3 + j) * oc + o];
+                }
+            }
+            if (wi == 0 || s > best || (s != s && best == best)) best = s;
+        }
+        real v = best + b[o];
+        out[e] = (v > 0 || v != v) ? v : (real)0;
+    }
+}
+
+// Winograd F(m x m, 3x3), m = t - 2, t x t tiles of stride m (t = 4, 6 or 8): the input transform
+// V[ab, tile, c] = (B^T d B)[a, b] of tile (n, ty, tx)'s t x t values d of channel c of the
+// channels-last x (N, H, W, C), zero outside the image (the conv's padding p). bt: B^T, t x t.
+extern "C" __global__ void winograd_input_nhwc(const real* x, const real* bt, real* v, int n, int h, int w, int c,
+                                               int p, int th, int tw, int t) {
+    const int m = t - 2;
+    const idx tiles = (idx)n * th * tw;
+    GRID_STRIDE_LOOP(e, tiles * c) {
+        int ci = (int)(e % c);
+        idx tile = e / c;
+        int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
+        idx ni = tile / ((idx)tw * th);
+        real d[8][8], r[8][8];
+        for (int i = 0; i < t; ++i) {
+            int yy = ty * m + i - p;
+            for (int j = 0; j < t; ++j) {
+                int xx = tx * m + j - p;
+                d[i][j] = (yy >= 0 && yy < h && xx >= 0 && xx < w) ? x[((ni * h + yy) * w + xx) * c + ci] : (real)0;
+            }
+        }
+        for (int a = 0; a < t; ++a)                       // r = B^T d
+            for (int j = 0; j < t; ++j) {
+                real s = 0;
+                for (int i = 0; i < t; ++i) s += bt[a * t + i] * d[i][j];
+                r[a][j] = s;
+            }
+        for (int a = 0; a < t; ++a)                       // V = r B
+            for (int bb = 0; bb < t; ++bb) {
+                real s = 0;
+                for (int j = 0; j < t; ++j) s += r[a][j] * bt[bb * t + j];
+                v[((idx)(a * t + bb) * tiles + tile) * c + ci] = s;
+            }
+    }
+}
+
+// The output transform with the block's epilogue: Y = A^T M A (m x m outputs) of tile (n, ty, tx)
+// and output channel o, then max pooling (pool divides m), + b, ReLU; writes only the pooled map
+// out (N, PH, PW, OC). at: A^T, m x t; mm: (t*t, tiles, OC), the products V[ab] U[ab].
+extern "C" __global__ void winograd_output_pool_bias_relu_nhwc(const real* mm, const real* at, const real* b,
+                                                               real* out, int n, int oc, int th, int tw, int t,
+                                                               int pool, int ph, int pw) {
+    const int m = t - 2;
+    const idx tiles = (idx)n * th * tw;
+    GRID_STRIDE_LOOP(e, tiles * oc) {
+        int o = (int)(e % oc);
+        idx tile = e / oc;
+        int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
+        idx ni = tile / ((idx)tw * th);
+        real f[6][8], y[6][6];
+        for (int r = 0; r < m; ++r)                       // f = A^T M
+            for (int bb = 0; bb < t; ++bb) {
+                real s = 0;
+                for (int a = 0; a < t; ++a) s += at[r * t + a] * mm[((idx)(a * t + bb) * tiles + tile) * oc + o];
+                f[r][bb] = s;
+            }
+        for (int r = 0; r < m; ++r)                       // Y = f A
+            for (int q = 0; q < m; ++q) {
+                real s = 0;
+                for (int bb = 0; bb < t; ++bb) s += f[r][bb] * at[q * t + bb];
+                y[r][q] = s;
+            }
+        const real bo = b[o];
+        for (int pr = 0; pr < m / pool; ++pr)
+            for (int pc = 0; pc < m / pool; ++pc) {
+                int py = ty * (m / pool) + pr, px = tx * (m / pool) + pc;
+                if (py >= ph || px >= pw) continue;
+                real best = y[pr * pool][pc * pool];
+                for (int i = 0; i < pool; ++i)
+                    for (int j = 0; j < pool; ++j) {
+                        real s = y[pr * pool + i][pc * pool + j];
+                        if (s > best || (s != s && best == best)) best = s;
+                    }
+                real vv = best + bo;
+                out[((ni * ph + py) * pw + px) * oc + o] = (vv > 0 || vv != vv) ? vv : (real)0;
+            }
+    }
+}
+
+// A Linear layer's epilogue, in place: y[r, c] += b[c], then ReLU if relu (a NaN stays NaN).
+extern "C" __global__ void bias_relu_rows(real* y, const real* b, int rows, int cols, int relu) {
+    GRID_STRIDE_LOOP(e, (idx)rows * cols) {
+        real v = y[e] + b[(int)(e % cols)];
+        y[e] = (!relu || v > 0 || v != v) ? v : (real)0;
+    }
+}

@@ -27,7 +27,8 @@ __all__ = ["im2col", "col2im", "maxpool_forward", "maxpool_backward", "batchnorm
            "batchnorm_affine", "bn_relu_pool_forward", "bn_relu_pool_grad_sums", "batchnorm_backward_affine",
            "bn_relu_pool_backward", "dropout", "softmax_cross_entropy",
            "sgd_update", "adam_update", "DeviceValues", "capturing", "capture_scope", "cupy_captures_cublas",
-           "cublas_capturable", "matmul", "tf32_enabled", "SOURCE"]
+           "cublas_capturable", "matmul", "tf32_enabled", "grey_conv3x3_pool_bias_relu", "winograd_input",
+           "winograd_output_pool_bias_relu", "bias_relu_rows", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("kernels.cu")
 THREADS = 256            # threads per block
@@ -432,3 +433,40 @@ def sgd_update(p, g, buf, hyper, nesterov, first):
 def adam_update(p, g, m, v, hyper):
     """``hyper``: device array [beta1, beta2, eps, step_size, root_bc2, l2, decay] of p's dtype."""
     _launch("adam_update", p.dtype, p.size, p, _contiguous(g, p.dtype), m, v, np.int64(p.size), hyper)
+
+
+# --- inference (minicnn/engines/gpu/inference.py): into arrays the caller keeps ------------------
+def grey_conv3x3_pool_bias_relu(x, wt, b, padding, pool, out):
+    """out (N, PH, PW, OC) = relu(maxpool_pool(conv3x3(x)) + b) for one input channel x (N, H, W),
+    taps wt (9, OC), as :func:`minicnn.engines.cpu.kernels.grey_conv3x3_pool_bias_relu` (which takes
+    x already padded)."""
+    n, h, w = x.shape
+    ph, pw, oc = out.shape[1:]
+    _launch("grey_conv3x3_pool_bias_relu_nhwc", x.dtype, out.size, x, wt, b, out,
+            *map(_i, (n, h, w, oc, padding, pool, ph, pw)))
+    return out
+
+
+def winograd_input(x, bt, padding, th, tw, v):
+    """v (t*t, N*th*tw, C) = B^T d B of every t x t tile (stride t - 2) of channels-last x (N, H, W, C)
+    padded by ``padding``: Winograd F(t-2 x t-2, 3x3)'s input transform, ``bt`` = B^T (t, t)."""
+    n, h, w, c = x.shape
+    _launch("winograd_input_nhwc", x.dtype, n * th * tw * c, x, bt, v, *map(_i, (n, h, w, c, padding, th, tw,
+                                                                                bt.shape[0])))
+    return v
+
+
+def winograd_output_pool_bias_relu(mm, at, b, th, tw, pool, out):
+    """out (N, PH, PW, OC) = relu(maxpool_pool(A^T M A) + b) of the products mm (t*t, tiles, OC),
+    ``at`` = A^T (t - 2, t); ``pool`` divides t - 2."""
+    n, ph, pw, oc = out.shape
+    _launch("winograd_output_pool_bias_relu_nhwc", mm.dtype, n * th * tw * oc, mm, at, b, out,
+            *map(_i, (n, oc, th, tw, at.shape[1], pool, ph, pw)))
+    return out
+
+
+def bias_relu_rows(y, b, relu):
+    """In place: y (rows, cols) += b, then ReLU if ``relu`` (a NaN stays NaN)."""
+    rows, cols = y.shape
+    _launch("bias_relu_rows", y.dtype, y.size, y, b, _i(rows), _i(cols), _i(bool(relu)))
+    return y
