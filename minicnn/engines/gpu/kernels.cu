@@ -558,81 +558,96 @@ extern "C" __global__ void grey_conv3x3_pool_bias_relu_nhwc(const real* x, const
     }
 }
 
-// Winograd F(m x m, 3x3), m = t - 2, t x t tiles of stride m (t = 4, 6 or 8): the input transform
-// V[ab, tile, c] = (B^T d B)[a, b] of tile (n, ty, tx)'s t x t values d of channel c of the
-// channels-last x (N, H, W, C), zero outside the image (the conv's padding p). bt: B^T, t x t.
+// Winograd F(m x m, 3x3), m = T - 2, T x T tiles of stride m (T = 4 or 6): the input transform
+// V[ab, tile, c] = (B^T d B)[a, b] of tile (n, ty, tx)'s T x T values d of channel c of the
+// channels-last x (N, H, W, C), zero outside the image (the conv's padding p). bt: B^T, T x T.
+// T is a template parameter: constant trip counts, which nvcc unrolls, so d and r stay in registers.
+template <int T>
+__device__ void winograd_input_tile(const real* x, const real* bt, real* v, idx e, idx tiles, int h, int w, int c,
+                                    int p, int th, int tw) {
+    const int m = T - 2;
+    int ci = (int)(e % c);
+    idx tile = e / c;
+    int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
+    idx ni = tile / ((idx)tw * th);
+    real d[T][T], r[T][T];
+    for (int i = 0; i < T; ++i) {
+        int yy = ty * m + i - p;
+        for (int j = 0; j < T; ++j) {
+            int xx = tx * m + j - p;
+            d[i][j] = (yy >= 0 && yy < h && xx >= 0 && xx < w) ? x[((ni * h + yy) * w + xx) * c + ci] : (real)0;
+        }
+    }
+    for (int a = 0; a < T; ++a)                           // r = B^T d
+        for (int j = 0; j < T; ++j) {
+            real s = 0;
+            for (int i = 0; i < T; ++i) s += bt[a * T + i] * d[i][j];
+            r[a][j] = s;
+        }
+    for (int a = 0; a < T; ++a)                           // V = r B
+        for (int b = 0; b < T; ++b) {
+            real s = 0;
+            for (int j = 0; j < T; ++j) s += r[a][j] * bt[b * T + j];
+            v[((idx)(a * T + b) * tiles + tile) * c + ci] = s;
+        }
+}
+
 extern "C" __global__ void winograd_input_nhwc(const real* x, const real* bt, real* v, int n, int h, int w, int c,
                                                int p, int th, int tw, int t) {
-    const int m = t - 2;
     const idx tiles = (idx)n * th * tw;
     GRID_STRIDE_LOOP(e, tiles * c) {
-        int ci = (int)(e % c);
-        idx tile = e / c;
-        int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
-        idx ni = tile / ((idx)tw * th);
-        real d[8][8], r[8][8];
-        for (int i = 0; i < t; ++i) {
-            int yy = ty * m + i - p;
-            for (int j = 0; j < t; ++j) {
-                int xx = tx * m + j - p;
-                d[i][j] = (yy >= 0 && yy < h && xx >= 0 && xx < w) ? x[((ni * h + yy) * w + xx) * c + ci] : (real)0;
-            }
-        }
-        for (int a = 0; a < t; ++a)                       // r = B^T d
-            for (int j = 0; j < t; ++j) {
-                real s = 0;
-                for (int i = 0; i < t; ++i) s += bt[a * t + i] * d[i][j];
-                r[a][j] = s;
-            }
-        for (int a = 0; a < t; ++a)                       // V = r B
-            for (int bb = 0; bb < t; ++bb) {
-                real s = 0;
-                for (int j = 0; j < t; ++j) s += r[a][j] * bt[bb * t + j];
-                v[((idx)(a * t + bb) * tiles + tile) * c + ci] = s;
-            }
+        if (t == 6) winograd_input_tile<6>(x, bt, v, e, tiles, h, w, c, p, th, tw);
+        else winograd_input_tile<4>(x, bt, v, e, tiles, h, w, c, p, th, tw);
     }
 }
 
 // The output transform with the block's epilogue: Y = A^T M A (m x m outputs) of tile (n, ty, tx)
 // and output channel o, then max pooling (pool divides m), + b, ReLU; writes only the pooled map
-// out (N, PH, PW, OC). at: A^T, m x t; mm: (t*t, tiles, OC), the products V[ab] U[ab].
+// out (N, PH, PW, OC). at: A^T, m x T; mm: (T*T, tiles, OC), the products V[ab] U[ab].
+template <int T>
+__device__ void winograd_output_tile(const real* mm, const real* at, const real* b, real* out, idx e, idx tiles,
+                                     int oc, int th, int tw, int pool, int ph, int pw) {
+    const int m = T - 2;
+    int o = (int)(e % oc);
+    idx tile = e / oc;
+    int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
+    idx ni = tile / ((idx)tw * th);
+    real f[m][T], y[m][m];
+    for (int r = 0; r < m; ++r)                           // f = A^T M
+        for (int bb = 0; bb < T; ++bb) {
+            real s = 0;
+            for (int a = 0; a < T; ++a) s += at[r * T + a] * mm[((idx)(a * T + bb) * tiles + tile) * oc + o];
+            f[r][bb] = s;
+        }
+    for (int r = 0; r < m; ++r)                           // Y = f A
+        for (int q = 0; q < m; ++q) {
+            real s = 0;
+            for (int bb = 0; bb < T; ++bb) s += f[r][bb] * at[q * T + bb];
+            y[r][q] = s;
+        }
+    const real bo = b[o];
+    for (int pr = 0; pr < m / pool; ++pr)
+        for (int pc = 0; pc < m / pool; ++pc) {
+            int py = ty * (m / pool) + pr, px = tx * (m / pool) + pc;
+            if (py >= ph || px >= pw) continue;
+            real best = y[pr * pool][pc * pool];
+            for (int i = 0; i < pool; ++i)
+                for (int j = 0; j < pool; ++j) {
+                    real s = y[pr * pool + i][pc * pool + j];
+                    if (s > best || (s != s && best == best)) best = s;
+                }
+            real vv = best + bo;
+            out[((ni * ph + py) * pw + px) * oc + o] = (vv > 0 || vv != vv) ? vv : (real)0;
+        }
+}
+
 extern "C" __global__ void winograd_output_pool_bias_relu_nhwc(const real* mm, const real* at, const real* b,
                                                                real* out, int n, int oc, int th, int tw, int t,
                                                                int pool, int ph, int pw) {
-    const int m = t - 2;
     const idx tiles = (idx)n * th * tw;
     GRID_STRIDE_LOOP(e, tiles * oc) {
-        int o = (int)(e % oc);
-        idx tile = e / oc;
-        int tx = (int)(tile % tw), ty = (int)((tile / tw) % th);
-        idx ni = tile / ((idx)tw * th);
-        real f[6][8], y[6][6];
-        for (int r = 0; r < m; ++r)                       // f = A^T M
-            for (int bb = 0; bb < t; ++bb) {
-                real s = 0;
-                for (int a = 0; a < t; ++a) s += at[r * t + a] * mm[((idx)(a * t + bb) * tiles + tile) * oc + o];
-                f[r][bb] = s;
-            }
-        for (int r = 0; r < m; ++r)                       // Y = f A
-            for (int q = 0; q < m; ++q) {
-                real s = 0;
-                for (int bb = 0; bb < t; ++bb) s += f[r][bb] * at[q * t + bb];
-                y[r][q] = s;
-            }
-        const real bo = b[o];
-        for (int pr = 0; pr < m / pool; ++pr)
-            for (int pc = 0; pc < m / pool; ++pc) {
-                int py = ty * (m / pool) + pr, px = tx * (m / pool) + pc;
-                if (py >= ph || px >= pw) continue;
-                real best = y[pr * pool][pc * pool];
-                for (int i = 0; i < pool; ++i)
-                    for (int j = 0; j < pool; ++j) {
-                        real s = y[pr * pool + i][pc * pool + j];
-                        if (s > best || (s != s && best == best)) best = s;
-                    }
-                real vv = best + bo;
-                out[((ni * ph + py) * pw + px) * oc + o] = (vv > 0 || vv != vv) ? vv : (real)0;
-            }
+        if (t == 6) winograd_output_tile<6>(mm, at, b, out, e, tiles, oc, th, tw, pool, ph, pw);
+        else winograd_output_tile<4>(mm, at, b, out, e, tiles, oc, th, tw, pool, ph, pw);
     }
 }
 
