@@ -133,3 +133,12 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
         results[fast] = [out, logits] + [p.grad for p in model.parameters()]
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5)
+
+
+def test_the_matrices_compute_a_2x2_correlation():
+    """B^T and A^T as arrays (the GPU engine's inference kernels read them) with G: F(2x2, 3x3)."""
+    rng = np.random.default_rng(0)
+    d, g = rng.normal(size=(4, 4)), rng.normal(size=(3, 3))
+    y = winograd.AT @ ((winograd._G @ g @ winograd._G.T) * (winograd.BT @ d @ winograd.BT.T)) @ winograd.AT.T
+    np.testing.assert_allclose(y, [[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)],
+                               atol=1e-13)

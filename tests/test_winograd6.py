@@ -6,14 +6,7 @@ from hypothesis import given, strategies as st
 from minicnn.engines.cpu import winograd6
 from minicnn.nn.reference import conv2d_forward
 
-# The matrices as the module's docstring prints them; the kernels hard-code their rows.
-BT = np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0], [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
-               [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0], [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
-               [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0], [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
-               [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0], [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1]])
-AT = np.array([[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0], [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0],
-               [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0], [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
-               [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1]])
+BT, AT = winograd6.BT, winograd6.AT      # (checked below: they compute a correlation)
 
 
 def _nhwc(a):

@@ -3,7 +3,7 @@ import numpy as np
 
 __all__ = ["Step", "StepWithInputGrad", "LinearStepBase", "TextbookRun", "batchnorm_buffers", "restore_batchnorm_buffers", "weight_columns", "fusable", "fusable_with_conv", "fusable_bn_relu", "check_bn_and_pool",
            "pooled_size",
-           "no_forward_yet", "before_forward", "NOTHING_KEPT"]
+           "no_forward_yet", "before_forward", "NOTHING_KEPT", "walk_inference_plan"]
 
 NOTHING_KEPT = ("backward() through a forward pass that ran under minicnn.no_grad(): nothing was kept for it; "
                 "run the forward pass outside no_grad()")
@@ -146,3 +146,32 @@ def no_forward_yet():
 
 def before_forward(layer):
     return RuntimeError(f"{type(layer).__name__}.backward() was called before forward(): run a forward pass first")
+
+
+def walk_inference_plan(plan, input_shape, make_conv, make_linear):
+    """Both engines' inference plans from an :class:`~minicnn.InferenceSession` plan: conv blocks,
+    then Flatten, then Linears. ``make_conv(w, b, stride, padding, pool, (h, w))`` returns a block
+    with its output's ``oc``, ``ph``, ``pw``; ``make_linear(w, b, relu, from_nhwc)`` a Linear, the
+    first told the (C, H, W) of the map it reads channels-last. Returns (convs, linears)."""
+    c, h, w = input_shape
+    convs, linears, flat = [], [], None
+    for op in plan:
+        if op[0] == "conv":
+            if linears or flat is not None:
+                raise ValueError("a conv block after Flatten or Linear")
+            if op[1].shape[1] != c:
+                raise ValueError(f"a conv expecting {op[1].shape[1]} channels gets {c}")
+            block = make_conv(*op[1:], (h, w))
+            convs.append(block)
+            c, h, w = block.oc, block.ph, block.pw
+        elif op[0] == "flatten":
+            flat = (c, h, w)
+        else:
+            _, weight, bias, relu = op
+            first = not linears
+            if first and flat is None:
+                raise ValueError("a Linear before Flatten")
+            linears.append(make_linear(weight, bias, relu, flat if first else None))
+    if not linears:
+        raise ValueError("the plan has no Linear")
+    return convs, linears

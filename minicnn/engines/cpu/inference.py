@@ -32,6 +32,7 @@ Buffers are kept per batch size, so a steady stream of one size allocates nothin
 import numpy as np
 
 from . import kernels as cpu
+from ..common import walk_inference_plan
 from . import threads, winograd, winograd4, winograd6
 
 __all__ = ["CpuInference"]
@@ -132,31 +133,11 @@ class CpuInference:
 
     def __init__(self, plan, input_shape, dtype):
         self.dtype = np.dtype(dtype)
-        c, h, w = input_shape
-        self.input_shape = (c, h, w)
-        self.convs, self.linears = [], []
-        flat = None
-        for op in plan:
-            if op[0] == "conv":
-                if self.linears or flat is not None:
-                    raise ValueError("a conv block after Flatten or Linear")
-                if op[1].shape[1] != c:
-                    raise ValueError(f"a conv expecting {op[1].shape[1]} channels gets {c}")
-                block = _Conv(*op[1:], (h, w), self.dtype, self.WINOGRAD_MIN_CHANNELS, self.WINOGRAD_ORDER,
-                              self.GEMM_ROWS)
-                self.convs.append(block)
-                c, h, w = block.oc, block.ph, block.pw
-            elif op[0] == "flatten":
-                flat = (c, h, w)
-            else:
-                _, weight, bias, relu = op
-                first = not self.linears
-                if first and flat is None:
-                    raise ValueError("a Linear before Flatten")
-                self.linears.append(_Linear(weight, bias, relu, self.dtype, from_nhwc=flat if first else None))
-        if not self.linears:
-            raise ValueError("the plan has no Linear")
-        self.feature_shape = (h, w, c)
+        self.input_shape = tuple(input_shape)
+        self.convs, self.linears = walk_inference_plan(
+            plan, self.input_shape,
+            lambda *conv: _Conv(*conv, self.dtype, self.WINOGRAD_MIN_CHANNELS, self.WINOGRAD_ORDER, self.GEMM_ROWS),
+            lambda w, b, relu, from_nhwc: _Linear(w, b, relu, self.dtype, from_nhwc=from_nhwc))
         self._buffers = {}
 
     def _buffers_for(self, n):

@@ -30,6 +30,7 @@ tiles) makes :func:`compile_gpu` return None, and the session runs the model's o
 import numpy as np
 
 from ...backend import gpu_module
+from ..common import walk_inference_plan
 from ..cpu import winograd, winograd4
 from . import kernels as gpu
 
@@ -102,7 +103,7 @@ def compile_gpu(plan, input_shape, dtype):
     """A :class:`GpuInference` for the session's plan, or None where a block is not one it runs."""
     try:
         return GpuInference(plan, input_shape, dtype)
-    except NotImplementedError:
+    except NotImplementedError:          # (a conv block the kernels do not cover)
         return None
 
 
@@ -114,27 +115,10 @@ class GpuInference:
 
     def __init__(self, plan, input_shape, dtype):
         self.dtype = np.dtype(dtype)
-        c, h, w = input_shape
-        self.input_shape = (c, h, w)
-        self.convs, self.linears = [], []
-        flat = None
-        for op in plan:
-            if op[0] == "conv":
-                if self.linears or flat is not None or op[1].shape[1] != c:
-                    raise NotImplementedError("layer order")
-                block = _Conv(*op[1:], (h, w), self.dtype)
-                self.convs.append(block)
-                c, h, w = block.oc, block.ph, block.pw
-            elif op[0] == "flatten":
-                flat = (c, h, w)
-            else:
-                _, weight, bias, relu = op
-                first = not self.linears
-                if first and flat is None:
-                    raise NotImplementedError("a Linear before Flatten")
-                self.linears.append(_Linear(weight, bias, relu, self.dtype, from_nhwc=flat if first else None))
-        if not self.linears:
-            raise NotImplementedError("no Linear")
+        self.input_shape = tuple(input_shape)
+        self.convs, self.linears = walk_inference_plan(
+            plan, self.input_shape, lambda *conv: _Conv(*conv, self.dtype),
+            lambda w, b, relu, from_nhwc: _Linear(w, b, relu, self.dtype, from_nhwc=from_nhwc))
         self._seen, self._graphs = set(), {}
         self.replays = 0
 
