@@ -34,7 +34,9 @@ def test_a_tiny_benchmark_run_is_well_formed(tmp_path):
             assert r["what"] in ("train", "infer") and r["batch"] == 2
             assert not (r["what"] == "train" and r["backend"] in inference_only)
         assert r["median_ms"] > 0 and math.isfinite(r["images_per_s"])
-        assert 0 < r["gemm_frac"] < 1.5 or r["backend"] == "onnxruntime-cpu"
+        # (Winograd and oneDNN do fewer multiplications than the im2col count, and the sgemm rate is
+        # measured under whatever load the machine has: above 1 happens; above 10 would be a unit slip.)
+        assert 0 < r["gemm_frac"] < 10
         if have_torch:
             assert r["ratio_torch_cpu"] > 0 and r["ratio_torch_cpu_cl"] > 0
     assert {r["backend"] for r in report["results"] if r["what"] == "latency"} == expected
