@@ -134,7 +134,8 @@ def _train(args, comm=None):
     probs = report.pop("probs")
     if not speaks:
         return 0
-    print(f"\ntest split ({'with' if args.tta else 'no'} test-time augmentation), best-by-validation weights:")
+    which = "best-by-validation" if trainer.validating else "the last epoch's (no validation split)"
+    print(f"\ntest split ({'with' if args.tta else 'no'} test-time augmentation), {which} weights:")
     classes = trainer.classes
     print(format_report(report, classes))
     with open(os.path.join(args.out, "test_report.json"), "w") as f:
@@ -403,7 +404,8 @@ def build_parser():
         p.add_argument("--erase", type=float, default=None,
                        help="probability of random erasing (default: the recipe's; 0 for default)")
         p.add_argument("--val-fraction", type=float, default=0.1,
-                       help="share of Training held out for validation when the source has no PublicTest split")
+                       help="share of Training held out for validation when the source has no PublicTest split; "
+                            "0: train on all of it for the recipe's epochs, no selection (the last epoch is kept)")
         p.add_argument("--tta", action="store_true", help="test-time augmentation in the final evaluation")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default="runs/emotion" if name == "train" else "runs/finetune",

@@ -72,6 +72,16 @@ def test_folder_validation_is_a_stratified_slice_of_training(tmp_path):
     assert "PublicTest" in desc
 
 
+def test_no_validation_split_trains_on_all_of_training(tmp_path):
+    root = make_folder(tmp_path / "fer", per_class=10)
+    splits, desc = load_dataset(str(root), val_fraction=0, seed=0)
+    assert len(splits["train"][1]) == 70 and len(splits["val"][1]) == 0 and splits["val"][0].shape[1:] == (48, 48)
+    assert "no validation: all of Training" in desc
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+            load_dataset(str(root), val_fraction=bad)
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda r: None, "no dataset at"),
     (lambda r: make_folder(r, splits=("train",)), "missing the 'test/' folder"),

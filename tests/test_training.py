@@ -263,6 +263,26 @@ def test_cli_train_evaluate_predict(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(EmotionPredictor(str(tmp_path / "shipped.npz")).predict(load_face(img)), probs)
 
 
+def test_without_a_validation_split_the_last_epoch_is_kept(tmp_path):
+    """--val-fraction 0 (a fixed recipe on all of Training): no validation, best.npz = each epoch's
+    weights in turn, the log says so, and a schedule that follows validation is refused."""
+    data = tiny_data()
+    data["val"] = (data["val"][0][:0], data["val"][1][:0])
+    logs = []
+    tr = Trainer(data, tiny_recipe(ema=0.5), out_dir=str(tmp_path), progress=False, log=logs.append)
+    history = tr.fit()
+    assert [h["val_acc"] for h in history] == [None, None] and "val_acc_live" not in history[-1]
+    assert "no validation" in logs[-1]
+    best, _, _ = load_checkpoint(str(tmp_path / "best.npz"))
+    for k, v in tr.average.state_dict().items():                       # the last epoch's (averaged) weights
+        np.testing.assert_array_equal(best[k], v, err_msg=k)
+    assert tr.evaluate("test")["accuracy"] >= 0
+    from minicnn.training.plots import plot_curves
+    plot_curves(str(tmp_path / "log.jsonl"), str(tmp_path / "curves.png"))
+    with pytest.raises(ValueError, match="follows the validation accuracy"):
+        Trainer(data, tiny_recipe(schedule="plateau"), out_dir=str(tmp_path / "p"), progress=False)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert cli(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "no dataset at" in capsys.readouterr().err

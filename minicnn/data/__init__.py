@@ -14,15 +14,17 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=EMO
     ``path``: a FER2013 folder or CSV; None means ``$MINICNN_DATA`` if set, else
     the built-in faces. Validation (for model selection) is PublicTest when the
     source has three splits (the CSV); otherwise a stratified, seeded
-    ``val_fraction`` of training. Test is never used for selection. ``data['classes']`` names the
+    ``val_fraction`` of training, or none at all with ``val_fraction=0`` (every training image is
+    trained on: a fixed recipe, no selection; ``data['val']`` is then empty). Test is never used
+    for selection. ``data['classes']`` names the
     labels: FER2013's emotions by default, other names in their label order, or "any" for a folder's
     own classes (fine-tuning).
     """
     import math
     import os
     import numpy as np
-    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 < val_fraction < 1):
-        raise ValueError(f"val_fraction must be in (0, 1): the share of Training held out for validation, "
+    if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
+        raise ValueError(f"val_fraction must be in [0, 1): the share of Training held out for validation (0: none), "
                          f"got {val_fraction!r}")
     if path is None:
         path = os.environ.get("MINICNN_DATA") or None
@@ -31,7 +33,12 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=EMO
                 "built-in synthetic faces (a stand-in, not FER2013)")
     data = load_fer2013(path, progress=progress, classes=classes)
     n_classes = len(data["classes"])
-    if "val" not in data:
+    if "val" not in data and val_fraction == 0:
+        x, y = data["train"]
+        data["val"] = (x[:0], y[:0])
+        desc = (f"FER2013 from {path} (no validation: all of Training; test: PublicTest)" if data["classes"] == EMOTIONS
+                else f"{', '.join(data['classes'])} from {path} (no validation: all of train/; test: test/)")
+    elif "val" not in data:
         x, y = data["train"]
         rng = np.random.default_rng(seed)
         val_idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:int(round(val_fraction * (y == c).sum()))]

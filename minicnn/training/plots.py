@@ -21,17 +21,25 @@ def _save(fig, out_path):
     return fig
 
 
+def _series(rows, key):
+    return [np.nan if r.get(key) is None else r[key] for r in rows]
+
+
 def plot_curves(log_path, out_path=None):
     """Loss and accuracy per epoch, train and validation, from a run's JSON-lines log."""
     rows = [json.loads(line) for line in open(log_path) if line.strip()]
     ep = [r["epoch"] for r in rows]
     fig = _figure(figsize=(10, 4))
     a, b = fig.subplots(1, 2)
+    averaged = any("val_acc_live" in r for r in rows)        # (--ema: the average, and the live weights)
     a.plot(ep, [r["train_loss"] for r in rows], label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], label="validation")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")
     b.plot(ep, [r["train_acc"] for r in rows], label="train")
-    b.plot(ep, [r["val_acc"] for r in rows], label="validation")
+    for key, label in (("val", "validation, weight average" if averaged else "validation"),
+                       ("val_live", "validation, live weights")):
+        if any(r.get(f"{key}_acc") is not None for r in rows):   # (none without a validation split)
+            a.plot(ep, _series(rows, f"{key}_loss"), label=label)
+            b.plot(ep, _series(rows, f"{key}_acc"), label=label)
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.set_title("loss")
     b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend(), b.set_title("accuracy")
     fig.tight_layout()
     return _save(fig, out_path)

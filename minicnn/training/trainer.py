@@ -389,6 +389,10 @@ class Trainer:
                                         dtype=self.dtype)
         if len(self.train_loader) == 0:
             raise ValueError(f"{len(train_x)} training images make no full batch of {r.batch_size}")
+        self.validating = len(data["val"][1]) > 0
+        if not self.validating and r.schedule in ("plateau", "plateau-cosine"):
+            raise ValueError(f"the {r.schedule} schedule follows the validation accuracy, and there is no validation "
+                             "split (--val-fraction 0): choose another --schedule, or keep a validation split")
         self.schedule = make_schedule(r.schedule, r.lr, len(self.train_loader), r.epochs, r.warmup_epochs,
                                       r.plateau_factor, r.plateau_patience, r.final_epochs)
         self.history = []
@@ -619,13 +623,15 @@ class Trainer:
                     self.log("interrupted inside a step: kept the last checkpoint as it was")
                 raise
             p = self._partial
-            with self.averaged_weights():
-                val_loss, val_acc = self._validate()
+            val_loss = val_acc = None             # (no validation split: no selection, the last epoch is kept)
+            if self.validating:
+                with self.averaged_weights():
+                    val_loss, val_acc = self._validate()
             live = {}
-            if self.average is not None:          # the live weights too: what the average gains, every epoch
+            if self.average is not None and self.validating:   # the live weights too: what the average gains
                 live_loss, live_acc = self._validate()
                 live = dict(val_loss_live=live_loss, val_acc_live=live_acc)
-            if not math.isfinite(val_loss):
+            if val_loss is not None and not math.isfinite(val_loss):
                 raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {self.epoch + 1}; "
                                        f"nothing was saved, so the last good checkpoint in {self.out_dir} is intact. "
                                        "Try a lower --lr.")
@@ -635,8 +641,8 @@ class Trainer:
                        lr=self.optimizer.lr, seconds=p["seconds"], images_per_s=p["seen"] / max(p["seconds"], 1e-9),
                        **live)
             self.history.append(row)
-            improved = val_acc > self.best_val_acc
-            self.best_val_acc = max(self.best_val_acc, val_acc)
+            improved = val_acc is None or val_acc > self.best_val_acc
+            self.best_val_acc = self.best_val_acc if val_acc is None else max(self.best_val_acc, val_acc)
             self.epoch, self.batch = self.epoch + 1, 0
             self._partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             if improved:                       # best first: last.npz, written next, already says it is best
@@ -645,11 +651,11 @@ class Trainer:
             if log_path is not None:           # (rewritten from last.npz's history on --resume)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            validation = ("no validation" if val_acc is None else
+                          f"val loss {val_loss:.3f} acc {val_acc:.3f}{' (best)' if improved else ''}"
+                          + (f" (live weights: {live['val_acc_live']:.3f})" if live else ""))
             self.log(f"epoch {row['epoch']}/{self.recipe.epochs}: train loss {row['train_loss']:.3f} "
-                     f"acc {row['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f}"
-                     f"{' (best)' if improved else ''}"
-                     f"{' (live weights: %.3f)' % live['val_acc_live'] if live else ''}"
-                     f" | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
+                     f"acc {row['train_acc']:.3f} | {validation} | lr {row['lr']:.3g} | {row['images_per_s']:.0f} img/s")
         return self.history
 
     def averaged_weights(self):
