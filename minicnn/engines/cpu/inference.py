@@ -22,17 +22,19 @@ Two ways to use the cores, chosen by the batch size:
   share of the batch through *every* conv block with serial kernels and a one-thread BLAS -- one
   parallel region for the whole feature extractor, no serial section between blocks. Within its
   share a thread runs each block on a few images at a time, as many as give the block's matrix
-  products about ``GEMM_ROWS`` rows: two images of 36 tiles for a 24x24 map, all of them for a 6x6
-  map of one tile (a product of 8 rows runs at half the speed of one of 32);
+  products about ``GEMM_ROWS`` rows: four images of 16 tiles (6x6) for a 24x24 map, all of them for
+  a 6x6 map of one tile (a product of 8 rows runs at half the speed of one of 32);
 * **one or a few images**: the blocks one after the other, each split *within* the images
   (numba's parallel loops over output rows, the BLAS's own threads).
 
-Buffers are kept per batch size, so a steady stream of one size allocates nothing.
+The arrays between blocks are kept per batch size; a Winograd conv's work arrays (padded input,
+transformed tiles, products) are made per call, and malloc hands each thread back the same
+cache-warm memory.
 """
 import numpy as np
 
-from . import kernels as cpu
 from ..common import walk_inference_plan
+from . import kernels as cpu
 from . import threads, winograd, winograd4, winograd6
 
 __all__ = ["CpuInference"]
