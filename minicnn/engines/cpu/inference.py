@@ -27,6 +27,11 @@ Two ways to use the cores, chosen by the batch size:
 * **one or a few images**: the blocks one after the other, each split *within* the images
   (numba's parallel loops over output rows, the BLAS's own threads).
 
+On the many-images route each thread also takes its rows through the Linear layers, with a
+one-thread BLAS: OpenBLAS's own threads, asleep after a moment of idleness, took milliseconds to
+wake on the 2-core VM (batch 64, the second call after a 1 s pause: 19 ms this way, 27-30 ms with a
+two-thread fc1 after the parallel region; 10 ms either way back to back).
+
 The arrays between blocks are kept per batch size; a Winograd conv's work arrays (padded input,
 transformed tiles, products) are made per call, and malloc hands each thread back the same
 cache-warm memory.
@@ -165,6 +170,16 @@ class CpuInference:
             h = out
         return h
 
+    def _classify(self, features, lo, hi, bufs):
+        """Rows lo..hi of the Linear layers, from the last block's channels-last output."""
+        h = features[lo:hi].reshape(hi - lo, -1)
+        for lin, out in zip(self.linears, bufs["linears"]):
+            np.matmul(h, lin.wt, out=out[lo:hi])
+            out[lo:hi] += lin.bias
+            if lin.relu:
+                np.maximum(out[lo:hi], 0, out=out[lo:hi])   # (a NaN stays NaN)
+            h = out[lo:hi]
+
     def run(self, x):
         """Logits (N, classes) for x (N, C, H, W) of the session's dtype (checked by the session)."""
         n = x.shape[0]
@@ -175,14 +190,11 @@ class CpuInference:
         if n == 0:
             return np.empty((0, self.linears[-1].wt.shape[1]), self.dtype)
         if threads.available() and workers > 1 and n >= self.CHUNKED_MIN_IMAGES_PER_THREAD * workers:
-            threads.run_chunks(lambda lo, hi: self._features(x_nhwc, lo, hi, bufs, False), n, -(-n // workers))
+            # Each thread takes its rows through the classifier too: no BLAS threads at all, which
+            # on a machine idle for a moment take milliseconds to wake (see the class's note).
+            threads.run_chunks(lambda lo, hi: self._classify(self._features(x_nhwc, lo, hi, bufs, False),
+                                                             lo, hi, bufs), n, -(-n // workers))
         else:
-            self._features(x_nhwc, 0, n, bufs, True)
-        h = (bufs["convs"][-1][1] if self.convs else x_nhwc).reshape(n, -1)
-        for lin, out in zip(self.linears, bufs["linears"]):
-            np.matmul(h, lin.wt, out=out)
-            out += lin.bias
-            if lin.relu:
-                np.maximum(out, 0, out=out)             # (a NaN stays NaN)
-            h = out
+            self._classify(self._features(x_nhwc, 0, n, bufs, True), 0, n, bufs)
+        h = bufs["linears"][-1]
         return h.copy()
