@@ -77,6 +77,9 @@ def test_no_validation_split_trains_on_all_of_training(tmp_path):
     splits, desc = load_dataset(str(root), val_fraction=0, seed=0)
     assert len(splits["train"][1]) == 70 and len(splits["val"][1]) == 0 and splits["val"][0].shape[1:] == (48, 48)
     assert "no validation: all of Training" in desc
+    builtin, desc = load_dataset(None, val_fraction=0)                 # the built-in faces: theirs trained on
+    assert len(builtin["val"][1]) == 0 and "no validation" in desc
+    assert len(builtin["train"][1]) == sum(len(load_dataset(None)[0][k][1]) for k in ("train", "val"))
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
             load_dataset(str(root), val_fraction=bad)

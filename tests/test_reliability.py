@@ -150,8 +150,8 @@ def test_sigkill_at_any_instant_leaves_a_consistent_run_folder(tmp_path):
 # --- values that make no sense: a clear one-line error, before any work, nothing written --------------
 BAD_TRAIN_ARGS = [
     (["--clip-grad-norm", "-5"], "clip_grad_norm must be"),
-    (["--val-fraction", "-0.1"], "val_fraction must be in \\(0, 1\\)"),
-    (["--val-fraction", "0"], "val_fraction must be in \\(0, 1\\)"),
+    (["--val-fraction", "-0.1"], "val_fraction must be in \\[0, 1\\)"),
+    (["--val-fraction", "1"], "val_fraction must be in \\[0, 1\\)"),
     (["--epochs", "0"], "epochs must be a whole number >= 1"),
     (["--erase", "2"], "erase must be a probability"),
     (["--lr", "nan"], "lr must be a finite number > 0"),

@@ -29,8 +29,12 @@ def load_dataset(path=None, val_fraction=0.1, seed=0, progress=True, classes=EMO
     if path is None:
         path = os.environ.get("MINICNN_DATA") or None
     if path is None:
-        return (dict(synthetic_splits(seed=seed), classes=EMOTIONS),
-                "built-in synthetic faces (a stand-in, not FER2013)")
+        splits = dict(synthetic_splits(seed=seed), classes=EMOTIONS)
+        if val_fraction == 0:                         # (their own validation split, trained on instead)
+            (xt, yt), (xv, yv) = splits["train"], splits["val"]
+            splits["train"], splits["val"] = (np.concatenate([xt, xv]), np.concatenate([yt, yv])), (xv[:0], yv[:0])
+            return splits, "built-in synthetic faces (a stand-in, not FER2013; no validation)"
+        return splits, "built-in synthetic faces (a stand-in, not FER2013)"
     data = load_fer2013(path, progress=progress, classes=classes)
     n_classes = len(data["classes"])
     if "val" not in data and val_fraction == 0:
