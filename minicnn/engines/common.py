@@ -151,8 +151,9 @@ def before_forward(layer):
 def walk_inference_plan(plan, input_shape, make_conv, make_linear):
     """Both engines' inference plans from an :class:`~minicnn.InferenceSession` plan: conv blocks,
     then Flatten, then Linears. ``make_conv(w, b, stride, padding, pool, (h, w))`` returns a block
-    with its output's ``oc``, ``ph``, ``pw``; ``make_linear(w, b, relu, from_nhwc)`` a Linear, the
-    first told the (C, H, W) of the map it reads channels-last. Returns (convs, linears)."""
+    with its output's ``oc``, ``ph``, ``pw``; ``make_linear(w, b, relu)`` a Linear. Both engines keep
+    the feature maps channels-last, so the first Linear's columns are reordered here from NCHW
+    order to NHWC order (what Flatten of the channels-last map gives). Returns (convs, linears)."""
     c, h, w = input_shape
     convs, linears, flat = [], [], None
     for op in plan:
@@ -171,7 +172,10 @@ def walk_inference_plan(plan, input_shape, make_conv, make_linear):
             first = not linears
             if first and flat is None:
                 raise ValueError("a Linear before Flatten")
-            linears.append(make_linear(weight, bias, relu, flat if first else None))
+            if first:
+                c, h, w = flat
+                weight = weight.reshape(weight.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
+            linears.append(make_linear(weight, bias, relu))
     if not linears:
         raise ValueError("the plan has no Linear")
     return convs, linears

@@ -50,12 +50,6 @@ __all__ = ["CpuInference"]
 PARALLEL_MIN_VALUES = 1 << 17
 
 
-def _applies(module, k, stride, padding, oh, ow):
-    if module is winograd:
-        return winograd.applies(k, stride, padding)
-    return module.applies(k, stride, padding, oh, ow)
-
-
 class _Conv:
     """One folded conv block: conv (no bias) -> + b' -> ReLU -> max pool k (stride k)."""
 
@@ -72,7 +66,7 @@ class _Conv:
         # One grey channel, 3x3, stride 1: computed directly, pooled in registers (no conv buffer).
         self.direct = c == 1 and k == 3 and stride == 1
         if c >= winograd_min_channels:
-            self.winograd = next((m for m in winograd_order if _applies(m, k, stride, padding, self.oh, self.ow)), None)
+            self.winograd = next((m for m in winograd_order if m.applies(k, stride, padding, self.oh, self.ow)), None)
         if self.winograd is not None:
             self.filters = np.array(self.winograd.filter_transform(w), copy=True)   # (tile planes, C, OC)
         elif self.direct:
@@ -80,8 +74,8 @@ class _Conv:
         else:
             self.filters = np.array(np.asarray(w, dtype=dtype).transpose(2, 3, 1, 0).reshape(k * k * c, oc), order="C")
         # Rows of one image in this block's matrix products: its tiles, or (im2col) its output pixels.
-        # A worker thread runs the block on this many images at a time: the 24x24 map's 36 tiles of
-        # 4x4 two images at a time, the 6x6 map's single tile 64 images at a time (or all it has).
+        # A worker thread runs the block on this many images at a time: the 24x24 map's 16 tiles of
+        # 6x6 four images at a time, the 6x6 map's single tile 64 images at a time (or all it has).
         rows = self.oh * self.ow if self.winograd is None else np.prod(self.winograd.tiles(self.oh, self.ow))
         self.images_per_product = 8 if self.direct else max(1, -(-gemm_rows // int(rows)))
 
@@ -113,11 +107,8 @@ class _Conv:
 
 
 class _Linear:
-    def __init__(self, w, b, relu, dtype, from_nhwc=None):
+    def __init__(self, w, b, relu, dtype):
         w = np.asarray(w, dtype=dtype)
-        if from_nhwc is not None:            # columns in NCHW order -> NHWC order (what Flatten of NHWC gives)
-            c, h, wd = from_nhwc
-            w = w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
         self.wt = np.array(w.T, order="C")                  # (in, out), a copy
         self.bias = np.zeros(w.shape[0], dtype) if b is None else np.array(b, dtype=dtype)
         self.relu = relu
@@ -144,7 +135,7 @@ class CpuInference:
         self.convs, self.linears = walk_inference_plan(
             plan, self.input_shape,
             lambda *conv: _Conv(*conv, self.dtype, self.WINOGRAD_MIN_CHANNELS, self.WINOGRAD_ORDER, self.GEMM_ROWS),
-            lambda w, b, relu, from_nhwc: _Linear(w, b, relu, self.dtype, from_nhwc=from_nhwc))
+            lambda w, b, relu: _Linear(w, b, relu, self.dtype))
         self._buffers = {}
 
     def _buffers_for(self, n):

@@ -46,9 +46,10 @@ BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype
 AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
 
 
-def applies(kernel_size, stride, padding):
+def applies(kernel_size, stride, padding, oh=None, ow=None):
     """True for the convolutions done here: 3x3, stride 1, padding 0, 1 or 2 (so the input
-    gradient, padded by 2 - padding, takes this route too)."""
+    gradient, padded by 2 - padding, takes this route too). Any output size: a ragged last tile is
+    computed whole and cut (``oh``, ``ow`` are taken, as by :func:`.winograd4.applies`, and ignored)."""
     return kernel_size == 3 and stride == 1 and 0 <= padding <= 2
 
 

@@ -38,11 +38,10 @@ __all__ = ["GpuInference", "compile_gpu"]
 
 
 def _winograd_for(k, stride, padding, pool, oh, ow):
-    """The CPU module whose matrices the block uses (F(4x4) or F(2x2)), or None."""
-    if k != 3 or stride != 1 or not 0 <= padding <= 2:
-        return None
+    """The CPU module whose matrices the block uses (F(4x4) or F(2x2)), or None: the kernels need
+    whole tiles (no ragged edge) and pooling windows inside a tile."""
     for module, m in ((winograd4, 4), (winograd, 2)):
-        if oh % m == 0 and ow % m == 0 and m % pool == 0:
+        if module.applies(k, stride, padding, oh, ow) and oh % m == 0 and ow % m == 0 and m % pool == 0:
             return module
     return None
 
@@ -68,8 +67,8 @@ class _Conv:
         self.t = mod.BT.shape[0]
         self.m = self.t - 2
         self.th, self.tw = self.oh // self.m, self.ow // self.m
-        u = np.einsum("ai,ocij,bj->abco", mod._G, w, mod._G).reshape(self.t * self.t, c, oc)
-        self.filters = cp.ascontiguousarray(cp.asarray(u, dtype=dtype))          # (t*t, C, OC)
+        u = mod.filter_transform(w)                               # (t*t, C, OC): G g G^T, in float64 (w's dtype)
+        self.filters = cp.ascontiguousarray(cp.asarray(u, dtype=dtype))
         self.bt, self.at = cp.asarray(mod.BT, dtype=dtype), cp.asarray(mod.AT, dtype=dtype)
 
     def run(self, x):
@@ -88,12 +87,8 @@ class _Conv:
 
 
 class _Linear:
-    def __init__(self, w, b, relu, dtype, from_nhwc=None):
+    def __init__(self, w, b, relu, dtype):
         cp = gpu_module()
-        w = np.asarray(w.get() if hasattr(w, "get") else w)
-        if from_nhwc is not None:            # columns in NCHW order -> NHWC order (what Flatten of NHWC gives)
-            c, h, wd = from_nhwc
-            w = w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
         self.wt = cp.ascontiguousarray(cp.asarray(w.T, dtype=dtype))          # (in, out)
         self.bias = cp.zeros(w.shape[0], dtype) if b is None else cp.asarray(b, dtype=dtype)
         self.relu = relu
@@ -118,7 +113,7 @@ class GpuInference:
         self.input_shape = tuple(input_shape)
         self.convs, self.linears = walk_inference_plan(
             plan, self.input_shape, lambda *conv: _Conv(*conv, self.dtype),
-            lambda w, b, relu, from_nhwc: _Linear(w, b, relu, self.dtype, from_nhwc=from_nhwc))
+            lambda w, b, relu: _Linear(w, b, relu, self.dtype))
         self._seen, self._graphs = set(), {}
         self.replays = 0
 
