@@ -624,13 +624,13 @@ class Trainer:
                 raise
             p = self._partial
             val_loss = val_acc = None             # (no validation split: no selection, the last epoch is kept)
+            live = {}
             if self.validating:
                 with self.averaged_weights():
                     val_loss, val_acc = self._validate()
-            live = {}
-            if self.average is not None and self.validating:   # the live weights too: what the average gains
-                live_loss, live_acc = self._validate()
-                live = dict(val_loss_live=live_loss, val_acc_live=live_acc)
+                if self.average is not None:      # the live weights too: what the average gains
+                    live_loss, live_acc = self._validate()
+                    live = dict(val_loss_live=live_loss, val_acc_live=live_acc)
             if val_loss is not None and not math.isfinite(val_loss):
                 raise TrainingDiverged(f"the validation loss became {val_loss} after epoch {self.epoch + 1}; "
                                        f"nothing was saved, so the last good checkpoint in {self.out_dir} is intact. "
