@@ -186,15 +186,17 @@ def _check_module(module, x, dout, mode, h, tol, atol, seed, params, name):
     return results
 
 
-def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, atol=1e-8, seed=0):
-    """Check ``criterion.backward()`` against finite differences of ``criterion.forward``."""
+def check_loss(criterion, logits, labels, mode="full", h=1e-6, tol=1e-6, atol=1e-8, seed=0, teacher_probs=None):
+    """Check ``criterion.backward()`` against finite differences of ``criterion.forward``
+    (``teacher_probs``: the third argument of a :class:`~minicnn.nn.DistillationLoss`)."""
     _require_float64(logits, "the logits")
     logits = logits.copy()
-    criterion.forward(logits, labels)
+    extra = () if teacher_probs is None else (teacher_probs,)
+    criterion.forward(logits, labels, *extra)
     analytic = criterion.backward().copy()
 
     def loss():
-        return float(criterion.forward(logits, labels))
+        return float(criterion.forward(logits, labels, *extra))
 
     return [_check_tensor(type(criterion).__name__, "logits", logits, analytic, loss, mode, h, tol, atol,
                           np.random.default_rng((seed, 0x67726164)))]
@@ -465,6 +467,9 @@ def _check_textbook(device, include_model, seed):
         results += check_module(layer, to_device(x, device), name=name)
     crit = nn.CrossEntropyLoss(weight=rng.uniform(0.5, 2, 7), label_smoothing=0.1)
     results += check_loss(crit, to_device(rng.standard_normal((5, 7)) * 2, device), rng.integers(0, 7, 5))
+    crit = nn.DistillationLoss(temperature=2.0, weight=0.6, label_smoothing=0.1)
+    results += check_loss(crit, to_device(rng.standard_normal((5, 7)) * 2, device), rng.integers(0, 7, 5),
+                          teacher_probs=to_device(rng.dirichlet(np.ones(7), 5), device))
     if include_model:
         for mode in ("train", "eval"):
             manual_seed(seed)

@@ -132,6 +132,25 @@ def test_cross_entropy(device, smoothing, weighted, reduction):
     close(crit.backward(), tl.grad.numpy(), 1e-5)
 
 
+@pytest.mark.parametrize("temperature, weight", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.9)])
+def test_distillation_loss(device, temperature, weight):
+    """PyTorch's usual distillation loss: (1 - a) CE + a T^2 KL(p || softmax(z / T)), batch mean."""
+    F = torch.nn.functional
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((6, 7)) * 4).astype(np.float32)
+    labels = rng.integers(0, 7, 6)
+    p = rng.dirichlet(np.ones(7), 6).astype(np.float32)
+    crit = nn.DistillationLoss(temperature, weight, label_smoothing=0.1)
+    loss = crit(to_device(logits, device), labels, to_device(p, device))
+    tl = t(logits)
+    tloss = ((1 - weight) * F.cross_entropy(tl, torch.from_numpy(labels), label_smoothing=0.1)
+             + weight * temperature ** 2 * F.kl_div(F.log_softmax(tl / temperature, dim=1), torch.from_numpy(p),
+                                                    reduction="batchmean"))
+    tloss.backward()
+    np.testing.assert_allclose(loss, tloss.item(), rtol=1e-5)
+    close(crit.backward(), tl.grad.numpy(), 1e-5)
+
+
 def test_cross_entropy_is_stable_for_huge_logits():
     crit = nn.CrossEntropyLoss()
     logits = np.array([[1000.0, 0.0, -1000.0], [-1e4, 1e4, 0.0]], dtype=np.float32)

@@ -250,3 +250,29 @@ def cross_entropy_backward(logits, labels, weight=None, label_smoothing=0.0):
         for k in range(c):
             grad[i, k] = (sum(q) * p[k] - q[k]) / total_w
     return grad
+
+
+def distillation_loss(logits, labels, teacher_probs, temperature, weight, label_smoothing=0.0):
+    """(1 - a) CE(z, y) + a T^2 (1/N) sum_i KL(p_i || softmax(z_i / T)), one sample at a time."""
+    n, c = logits.shape
+    kl = 0.0
+    for i in range(n):
+        zt = [z / temperature for z in logits[i]]
+        logsumexp = max(zt) + math.log(sum(math.exp(z - max(zt)) for z in zt))
+        for k in range(c):
+            p = teacher_probs[i, k]
+            if p > 0:
+                kl += p * (math.log(p) - (zt[k] - logsumexp))         # p (log p - log s)
+    hard = cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return (1 - weight) * hard + weight * temperature ** 2 * kl / n
+
+
+def distillation_loss_backward(logits, labels, teacher_probs, temperature, weight, label_smoothing=0.0):
+    """dL/dlogits: (1 - a) dCE/dz + a T (softmax(z / T) - p) / N per sample."""
+    n, c = logits.shape
+    grad = (1 - weight) * cross_entropy_backward(logits, labels, label_smoothing=label_smoothing)
+    for i in range(n):
+        e = [math.exp((z - max(logits[i])) / temperature) for z in logits[i]]
+        for k in range(c):
+            grad[i, k] += weight * temperature * (e[k] / sum(e) - teacher_probs[i, k]) / n
+    return grad
