@@ -86,6 +86,13 @@ def recipe_from_args(args, builtin=False):
                                    label_smoothing=args.label_smoothing, clip_grad_norm=args.clip_grad_norm,
                                    ema=args.ema).items()
              if v is not None}
+    distill = {k: v for k, v in dict(distill_weight=args.distill_weight,
+                                     distill_temperature=args.distill_temperature).items() if v is not None}
+    if args.teacher:
+        distill["teachers"] = [os.path.abspath(t) for t in args.teacher]
+    elif distill:
+        raise ValueError("--distill-weight and --distill-temperature need --teacher WEIGHTS (the network to learn from)")
+    given.update(distill)
     if finetune and "lr" not in given and "lr" not in preset:
         given["lr"] = 0.01
     return Recipe(**dict(preset, **given), epochs=epochs, seed=args.seed,
@@ -400,6 +407,13 @@ def build_parser():
         p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                        help="validate, keep and ship a moving average of the weights with this decay per step "
                             "(e.g. 0.999; default: the recipe's, 0: off)")
+        p.add_argument("--teacher", action="append", default=None, metavar="WEIGHTS",
+                       help="distill: also learn from this trained network's softened probabilities on each "
+                            "augmented batch (repeat for an ensemble: their mean is the target)")
+        p.add_argument("--distill-weight", type=float, default=None,
+                       help="with --teacher: the teachers' share of the loss (default 0.5; the labels get the rest)")
+        p.add_argument("--distill-temperature", type=float, default=None,
+                       help="with --teacher: the temperature that softens teacher and student alike (default 2)")
         p.add_argument("--no-augment", action="store_true", help="no crop/flip/affine/erasing")
         p.add_argument("--erase", type=float, default=None,
                        help="probability of random erasing (default: the recipe's; 0 for default)")

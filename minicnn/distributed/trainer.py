@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from ..data import Augment, BatchLoader
-from ..nn import CrossEntropyLoss
+from ..nn import CrossEntropyLoss, DistillationLoss
 from ..training.checkpoint import CheckpointError
 from ..training.metrics import classification_report
 from ..training.trainer import Trainer, clip_grad_norm, load_model, predict_proba
@@ -44,12 +44,13 @@ BN_MODES = ("local", "sync")
 _building = threading.Lock()
 
 
-def distributed_train_step(model, criterion, optimizer, grads, x, y, global_n, clip=0.0):
-    """One data-parallel step on this rank's slice (x, y) of a global batch of ``global_n`` images.
-    Returns the global batch's mean loss and number of right answers (0-d arrays on x's device)."""
+def distributed_train_step(model, criterion, optimizer, grads, x, y, global_n, clip=0.0, soft=None):
+    """One data-parallel step on this rank's slice (x, y) of a global batch of ``global_n`` images
+    (``soft``: a teacher's probabilities for x, for a DistillationLoss). Returns the global batch's
+    mean loss and number of right answers (0-d arrays on x's device)."""
     logits = model(x)
     loss_fn = engines.loss_step(criterion, logits)
-    loss = loss_fn.forward(logits, y)                       # mean over this rank's n_r images
+    loss = loss_fn.forward(logits, y) if soft is None else loss_fn.forward(logits, y, soft)  # mean of n_r images
     correct = (logits.argmax(axis=1) == to_device(y, device_of(logits))).sum()
     share = len(y) / global_n                               # n_r / n
     model.backward(loss_fn.backward() * logits.dtype.type(share), input_grad=False)
@@ -103,7 +104,8 @@ class DistributedTrainer(Trainer):
                  f"of {self.grads.nbytes / 1e6:.1f} MB per step")
 
     def _check_criterion(self):
-        if not isinstance(self.criterion, CrossEntropyLoss) or self.criterion.weight is not None:
+        hard = self.criterion.hard if isinstance(self.criterion, DistillationLoss) else self.criterion
+        if not isinstance(hard, CrossEntropyLoss) or hard.weight is not None:
             raise ValueError("data-parallel training scales an unweighted mean loss; a class-weighted loss "
                              "is not supported")
 
@@ -157,9 +159,10 @@ class DistributedTrainer(Trainer):
 
     # --- the step --------------------------------------------------------------------------------
     def _step_function(self):
-        r, loader = self.recipe, self.train_loader
+        r, loader, teacher = self.recipe, self.train_loader, self.teacher
         return lambda x, y: distributed_train_step(self.model, self.criterion, self.optimizer, self.grads, x, y,
-                                                   loader.global_batch_len(self.batch), r.clip_grad_norm)
+                                                   loader.global_batch_len(self.batch), r.clip_grad_norm,
+                                                   soft=None if teacher is None else teacher(x))
 
     def _images_in(self, y):
         return self.train_loader.global_batch_len(self.batch)

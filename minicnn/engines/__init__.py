@@ -175,8 +175,10 @@ def step_for(layer, model):
 
 def loss_step(criterion, logits):
     """What computes ``criterion`` on ``logits``: the GPU engine's one-launch softmax cross-entropy
-    for CuPy logits, the textbook :class:`~minicnn.nn.CrossEntropyLoss` otherwise."""
-    if engine_for(logits) == "gpu":
+    for CuPy logits, the textbook criterion otherwise (and for any other loss, such as
+    :class:`~minicnn.nn.DistillationLoss`, which runs its textbook code on either device)."""
+    from ..nn.loss import CrossEntropyLoss
+    if engine_for(logits) == "gpu" and type(criterion) is CrossEntropyLoss:
         from .gpu.layers import CrossEntropyStep
         step = criterion.__dict__.get("_engine_step")
         if step is None:

@@ -32,11 +32,12 @@ from .. import __version__, engines, rng as _rng
 from ..backend import device_of, get_array_module, normalize_device, to_device, to_numpy
 from ..data import EMOTIONS, Augment, BatchLoader, normalize
 from ..models import EmotionClassifier
-from ..nn import CrossEntropyLoss, no_grad
+from ..nn import CrossEntropyLoss, DistillationLoss, no_grad
 from ..optim import SGD, Adam, AdamW
 from .checkpoint import (CheckpointError, atomic_write_bytes, load_checkpoint, remove_stale_temporaries,
                          repair_sidecar, save_checkpoint)
 from .averaging import WeightAverage
+from .distill import Teacher
 from .metrics import classification_report
 from .schedules import SCHEDULES, make_schedule
 
@@ -108,6 +109,11 @@ class Recipe:
     # Validate, keep and ship a moving average of the weights with this decay per step (0: off;
     # 0.999 remembers about 1,000 steps): see minicnn/training/averaging.py.
     ema: float = 0.0
+    # Distillation: also learn from these trained networks' mean probabilities at this temperature,
+    # with this weight on their part (1 - it on the labels'): see minicnn/nn/distillation.py.
+    teachers: list = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         """Every value checked before any work: a clear ValueError naming the setting."""
@@ -139,6 +145,12 @@ class Recipe:
              "a finite number >= 0"),
             ("freeze", self.freeze in ("none", "features"), "none or features"),
             ("ema", number(self.ema) and 0 <= self.ema < 1, "in [0, 1) (0 turns the average off)"),
+            ("teachers", self.teachers is None or (isinstance(self.teachers, (list, tuple)) and len(self.teachers) > 0
+                                                   and all(isinstance(t, str) and t for t in self.teachers)),
+             "a non-empty list of weights files, or None"),
+            ("distill_weight", number(self.distill_weight) and 0 <= self.distill_weight <= 1, "in [0, 1]"),
+            ("distill_temperature", number(self.distill_temperature) and self.distill_temperature > 0,
+             "a finite number > 0"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -200,13 +212,14 @@ def clip_grad_norm(params, max_norm):
     return total
 
 
-def train_step(model, criterion, optimizer, x, y, clip=0.0):
+def train_step(model, criterion, optimizer, x, y, clip=0.0, soft=None):
     """One training step: forward, loss, backward, gradient clipping (``clip`` > 0), update.
+    ``soft``: a teacher's probabilities for x, for a :class:`~minicnn.nn.DistillationLoss`.
     Returns the batch's loss and number of right answers as 0-d arrays on x's device (on a GPU,
     nothing is read back)."""
     logits = model(x)
     loss_fn = engines.loss_step(criterion, logits)     # (on a GPU, the engine's one-launch loss)
-    loss = loss_fn.forward(logits, y)
+    loss = loss_fn.forward(logits, y) if soft is None else loss_fn.forward(logits, y, soft)
     correct = (logits.argmax(axis=1) == to_device(y, device_of(logits))).sum()
     model.backward(loss_fn.backward(), input_grad=False)
     if clip:
@@ -332,6 +345,9 @@ class Trainer:
         eager steps. ``overwrite``: a new run may replace the run already in ``out_dir`` (else
         :meth:`fit` refuses, and ``fit(resume=True)`` continues it). ``dtype``: float32, or float64
         for exact comparisons (the tests')."""
+        if cuda_graph and recipe is not None and recipe.teachers:
+            raise ValueError("--cuda-graph with --teacher is not supported (the graph would have to capture "
+                             "the teachers too): train without --cuda-graph")
         if cuda_graph and normalize_device(device) != "gpu":
             raise ValueError("cuda_graph=True needs device='gpu'")
         if cuda_graph:
@@ -382,6 +398,11 @@ class Trainer:
                 raise ValueError("--cuda-graph with a separate rate for the features is not supported")
             self.optimizer.set_lr_scale(self.model.features.parameters(), r.features_lr_scale)
         self.criterion = CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        self.teacher = None
+        if r.teachers:
+            self.teacher = Teacher(r.teachers, r.distill_temperature, self.classes, self.mean, self.std, device,
+                                   self.dtype)
+            self.criterion = DistillationLoss(r.distill_temperature, r.distill_weight, r.label_smoothing)
         self.average = WeightAverage(self.model, r.ema) if r.ema else None
         augment = Augment(**r.augment) if r.augment else None
         self.train_loader = BatchLoader(train_x, train_y, r.batch_size, shuffle=True, augment=augment,
@@ -420,6 +441,7 @@ class Trainer:
                     schedule=self.schedule.state_dict(), rng=self.model.rng_states(),
                     history=self.history, best_val_acc=self.best_val_acc, partial=self._partial,
                     data_fingerprint=self.data_fingerprint,
+                    teacher_fingerprints=None if self.teacher is None else self.teacher.fingerprints,
                     average_steps=None if self.average is None else self.average.steps, **extra)
 
     def save(self, name, averaged=False):
@@ -455,6 +477,10 @@ class Trainer:
             raise CheckpointError(f"{path} was trained on other data ({meta.get('data') or 'unknown'}; fingerprint "
                                   f"{meta['data_fingerprint']}, this data's is {self.data_fingerprint}): resume with "
                                   "the same --data, --val-fraction and --seed")
+        if self.teacher is not None and meta.get("teacher_fingerprints") != self.teacher.fingerprints:
+            raise CheckpointError(f"{path} was trained with teachers whose files had other contents (fingerprints "
+                                  f"{meta.get('teacher_fingerprints')}, now {self.teacher.fingerprints}): resume "
+                                  "with the same teacher files")
         ema = {k[4:]: optim_state.pop(k) for k in list(optim_state) if k.startswith("ema/")}
         try:
             self.model.load_state_dict(state)
@@ -470,6 +496,8 @@ class Trainer:
         self._partial = meta["partial"]
         self.mean, self.std = meta["normalization"]["mean"], meta["normalization"]["std"]
         self.train_loader.mean, self.train_loader.std = self.mean, self.std
+        if self.teacher is not None:
+            self.teacher.mean, self.teacher.std = self.mean, self.std
         self.log(f"resumed from {path}: epoch {self.epoch + 1}, batch {self.batch}")
         return meta
 
@@ -540,8 +568,9 @@ class Trainer:
     def _step_function(self):
         """(x, y) -> (loss, number right): one eager training step, or one replay of a CUDA graph."""
         if not self.cuda_graph:
-            r = self.recipe
-            return lambda x, y: train_step(self.model, self.criterion, self.optimizer, x, y, r.clip_grad_norm)
+            r, teacher = self.recipe, self.teacher
+            return lambda x, y: train_step(self.model, self.criterion, self.optimizer, x, y, r.clip_grad_norm,
+                                           soft=None if teacher is None else teacher(x))
         if getattr(self, "_cuda_graph_step", None) is None:
             from ..engines.gpu.graph import CudaGraphStep
             self._cuda_graph_step = CudaGraphStep(self.model, self.criterion, self.optimizer,
@@ -596,7 +625,23 @@ class Trainer:
                 for f in held:
                     os.remove(os.path.join(self.out_dir, f))
                 atomic_write_bytes(log_path, b"")
+                if self.teacher is not None:
+                    self._describe_teacher()
             return self._fit_epochs_with_ctrl_c(log_path)
+
+    def _describe_teacher(self):
+        """Log the teachers, and their mean's validation accuracy: what the student may approach."""
+        t = self.teacher
+        what = f"distillation from {len(t)} teacher{'s' if len(t) > 1 else ''} ({', '.join(t.paths)}), " \
+               f"temperature {t.temperature:g}, weight {self.recipe.distill_weight:g} on their part"
+        if self.validating:
+            x, y = self.data["val"]
+            right = 0
+            for i in range(0, len(y), 256):
+                xb = to_device(normalize(x[i:i + 256], self.mean, self.std, dtype=self.dtype.type), self.device)
+                right += int((to_numpy(t(xb)).argmax(1) == y[i:i + 256]).sum())
+            what += f"; their mean's validation accuracy {right / len(y):.3f}"
+        self.log(what)
 
     def _fit_epochs_with_ctrl_c(self, log_path):
         """:meth:`_fit_epochs` with Ctrl-C finishing the current step (:meth:`request_stop`)."""
