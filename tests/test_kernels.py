@@ -132,7 +132,7 @@ def test_fused_conv_block_equals_the_four_layers(n, c, oc, hw, k, training, bias
     assume(hw >= k and not (training and n * hw * hw < 2))
     assume(route == "whole" or threads.available())
     chunks = route.startswith("chunks")
-    knobs = dict(THREADED_GEMM_K=(0, 10**9) if chunks else (1, 0), CHUNK_BYTES=1, CHUNK_ROWS=1,
+    knobs = dict(GREY=False, THREADED_GEMM_K=(0, 10**9) if chunks else (1, 0), CHUNK_BYTES=1, CHUNK_ROWS=1,
                  WINOGRAD=route == "chunks", WINOGRAD_MIN_CHANNELS=1, WINOGRAD_DW_MIN_CHANNELS=1, WINOGRAD_MIN_TILES=1)
     saved = {name: getattr(ConvBatchNormReLUPool, name) for name in knobs}
     for name, value in knobs.items():
@@ -182,6 +182,72 @@ def _check_fused_conv_block(n, c, oc, hw, k, training, bias, dtype, seed, route)
     tol = 2e-4 if dtype == np.float32 else 1e-10
     for a, b in zip(results[False], results[True]):
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+
+
+@given(n=st.integers(1, 4), oc=st.integers(1, 5), h=st.integers(1, 11), w=st.integers(1, 11), k=st.integers(1, 5),
+       s=st.integers(1, 2), p=st.integers(0, 2), pool=st.integers(1, 3), training=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), input_grad=st.booleans(), offset=st.sampled_from([0.0, 3.0]),
+       seed=st.integers(0, 2**16))
+def test_grey_conv_block_equals_the_four_layers(n, oc, h, w, k, s, p, pool, training, bias, dtype, input_grad,
+                                                offset, seed):
+    """A conv block on one input channel by the grey route (no conv output stored; the statistics and
+    dL/dW's dense part from the taps' sums and Gram matrix: grey_block.py): the same output, running
+    statistics, input and parameter gradients as the four textbook layers, for any kernel, stride,
+    padding, pooling, ragged edges and inputs far from zero mean (``offset``)."""
+    from minicnn.engines import using
+    from minicnn.engines.cpu import threads
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    assume(threads.available() and min(oh, ow) >= pool and not (training and n * oh * ow < 2))
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 1, h, w)) + offset).astype(dtype)
+    results = {}
+    for engine in ("textbook", "auto"):
+        net = Sequential(Conv2d(1, oc, k, stride=s, padding=p, bias=bias, seed=seed), BatchNorm2d(oc), ReLU(),
+                         MaxPool2d(pool)).to(dtype=dtype)
+        if bias:
+            net[0].bias.data = np.linspace(-2, 2, oc).astype(dtype)       # large: it must cancel
+        net[1].set_buffer("running_mean", np.linspace(-0.5, 0.5, oc).astype(dtype))
+        net[1].weight.data = np.linspace(-1.5, 1.5, oc).astype(dtype)   # negative scales too
+        net.train(training)
+        with using(engine):
+            out = net(x)
+            g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
+            if engine == "auto":
+                assert net._last_plan[0].route == "grey"
+                dx = net.backward(g, input_grad=input_grad)
+            else:                  # layer by layer, to see dL/dy (the conv's output gradient)
+                dy = net[1].backward(net[2].backward(net[3].backward(g)))
+                dx = net[0].backward(dy) if input_grad else net[0].backward_params(dy)
+        results[engine] = dict(out=out, running_mean=net[1].running_mean, running_var=net[1].running_var, dx=dx,
+                               **{name: q.grad for name, q in net.named_parameters()})
+    tol = 3e-4 if dtype == np.float32 else 1e-9
+    want, got = results["textbook"], results["auto"]
+    for name, a in want.items():
+        if a is None:
+            assert got[name] is None
+            continue
+        # (in training the conv bias's gradient sum(dL/dy) is 0 up to the rounding of that sum)
+        scale = max(1.0, float(np.abs(dy).sum() if name == "0.bias" and training else np.abs(a).max()))
+        np.testing.assert_allclose(got[name], a, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def test_the_emotion_classifiers_first_block_takes_the_grey_route():
+    import minicnn
+    from minicnn.engines.cpu import threads
+    from minicnn.models import EmotionClassifier
+    if not threads.available():
+        pytest.skip("the grey route needs a BLAS whose threads threadpoolctl can limit")
+    model = EmotionClassifier()
+    x = np.random.default_rng(0).standard_normal((3, 1, 48, 48)).astype(np.float32)
+    model(x)
+    first = model.features._last_plan[0]
+    assert first.route == "grey" and first.saved.ywin.shape == (3, 24, 24, 32)
+    model.eval()
+    with minicnn.no_grad():
+        model(x)
+    assert first.route == "inference" and first.saved is None
 
 
 def test_every_numba_kernel_has_a_python_function_of_its_own():

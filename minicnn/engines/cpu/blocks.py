@@ -22,7 +22,7 @@ from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, TextbookRun, batchn
                       fusable, fusable_with_conv, no_forward_yet, pooled_size, restore_batchnorm_buffers,
                       weight_columns)
 from . import kernels as cpu
-from . import threads, winograd, workspace
+from . import grey_block, threads, winograd, workspace
 from .layers import (Conv2dStep, accumulate_weight_columns, backward_affine, batch_affine,
                      batch_affine_from_parts, eval_affine)
 
@@ -167,6 +167,10 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
     # 14.2 ms against 12.8 by im2col; with this threshold (conv4, 9 tiles per image, by Winograd
     # from batch 15; conv3 from 4; conv2 always) 13.6 against 13.2, and 32.0 against 34.2 at batch 16.
     WINOGRAD_MIN_TILES = 128
+    # A conv on one input channel (the first layer's grey images) by the grey route (grey_block.py):
+    # its conv output is never stored, the conv is recomputed where each pass needs it. False: the
+    # conv and the fused step one after the other, as for other thin convs.
+    GREY = True
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -197,6 +201,12 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         self.saved = None
         offset = None if conv.bias is None else conv.bias.data
         inference = not bn.training and not is_grad_enabled()
+        if self.GREY and conv.in_channels == 1 and threads.available():
+            check_bn_and_pool(bn, self.pool, conv_shape, x.dtype)
+            self.conv_step.saved = self.rest.saved = None
+            self.route = "inference" if inference else "grey"
+            out, self.saved = grey_block.forward(self, x, conv_shape, offset, keep=not inference)
+            return out
         lo, hi = self.THREADED_GEMM_K
         chunked = inference or self._winograd(conv_shape) or lo <= conv.kernel_size ** 2 * conv.in_channels <= hi
         if not threads.available() or not chunked:
@@ -286,6 +296,8 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
             raise RuntimeError(NOTHING_KEPT)
         if self.route == "textbook":
             return self.fallback.backward(dout, input_grad)
+        if self.route == "grey":
+            return grey_block.backward(self, self.saved, dout, input_grad)
         if self.route != "threaded":
             dy, sum_dy = self.rest._backward(dout)
             return self.conv_step.backward(dy, input_grad, bias_grad=sum_dy)

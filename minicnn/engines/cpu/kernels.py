@@ -606,3 +606,187 @@ def bn_relu_pool_backward_serial(g, arg, x, scale, shift, k, a, b, c0, dx):
     for r in range(dx.shape[0] * dx.shape[1]):
         _bn_relu_pool_backward_row(g, arg, x, scale, shift, k, a, b, c0, dx, r)
     return dx
+
+
+# --- A conv block on one input channel (grey images), with no conv output in memory -------------
+#
+# The first block of the EmotionClassifier convolves 1 channel into 32: 9 multiply-adds per output
+# value, while its conv output (N, 48, 48, 32) is the largest array of the step. So
+# blocks.ConvBatchNormReLUPool's grey route never stores it: the forward computes the conv on the
+# fly from the zero-padded input xp (N, H + 2p, W + 2p) and keeps only each window's winner's conv
+# value; the BatchNorm statistics and the weight gradient's dense part come from the taps' sums and
+# Gram matrix (see grey_block.py).
+
+@njit(**_serial)
+def grey_patch_moments_serial(xs, k, oh, ow):
+    """(sum over output pixels of each tap, the taps' Gram matrix sum t_a t_b), float64, for a
+    stride-1 conv on the padded and shifted float64 images ``xs``. Each sum goes into a vector of
+    per-column partial sums (SIMD without reordering any one sum), added up at the end."""
+    kk = k * k
+    pairs = np.zeros((kk * (kk + 1) // 2, ow))
+    singles = np.zeros((kk, ow))
+    for ni in range(xs.shape[0]):
+        for oy in range(oh):
+            q = 0
+            for a in range(kk):
+                ra = xs[ni, oy + a // k, a % k:a % k + ow]          # tap a along the output row
+                sa = singles[a]
+                for ox in range(ow):
+                    sa[ox] += ra[ox]
+                for b in range(a, kk):
+                    rb = xs[ni, oy + b // k, b % k:b % k + ow]
+                    pq = pairs[q]
+                    for ox in range(ow):
+                        pq[ox] += ra[ox] * rb[ox]
+                    q += 1
+    sx = np.zeros(kk)
+    gram = np.zeros((kk, kk))
+    q = 0
+    for a in range(kk):
+        sx[a] = singles[a].sum()
+        for b in range(a, kk):
+            gram[a, b] = gram[b, a] = pairs[q].sum()
+            q += 1
+    return sx, gram
+
+
+@njit(inline="always")
+def _grey_keep_max(y, scale, shift, pos, o, a, yw, zero):
+    """One window position's conv values y (every channel) into the running max o, argmax a and
+    the winner's conv value yw, through BatchNorm and ReLU (the first maximum wins; a NaN wins)."""
+    for co in range(y.shape[0]):
+        v = y[co] * scale[co] + shift[co]
+        v = v if v > 0 or v != v else zero                  # ReLU (a NaN stays NaN)
+        if pos == 0 or v > o[co] or (v != v and o[co] == o[co]):
+            o[co] = v
+            a[co] = pos
+            yw[co] = y[co]
+
+
+@njit(**_serial)
+def grey_conv_bn_relu_pool_serial(xp, w, scale, shift, k, s, kp, out, arg, ywin):
+    """out (N, PH, PW, OC) = maxpool_kp(relu(conv(x) * scale + shift)), arg = each window's first
+    maximum (as :func:`bn_relu_pool_forward`), ywin = the conv (no bias) at each channel's winner;
+    the conv computed on the fly from the padded input xp, w (k*k, OC)."""
+    oc = out.shape[3]
+    y = np.zeros(oc, xp.dtype)
+    zero = y[0]
+    for ni in range(out.shape[0]):
+        for py in range(out.shape[1]):
+            for px in range(out.shape[2]):
+                o, a, yw = out[ni, py, px], arg[ni, py, px], ywin[ni, py, px]
+                for i in range(kp):
+                    for j in range(kp):
+                        oy, ox = (py * kp + i) * s, (px * kp + j) * s
+                        y[:] = zero
+                        for t in range(k * k):
+                            xt = xp[ni, oy + t // k, ox + t % k]
+                            for co in range(oc):
+                                y[co] += xt * w[t, co]
+                        _grey_keep_max(y, scale, shift, i * kp + j, o, a, yw, zero)
+    return out
+
+
+@njit(**_serial)
+def grey3_conv_bn_relu_pool_serial(xp, w, scale, shift, kp, out, arg, ywin):
+    """:func:`grey_conv_bn_relu_pool_serial` for a 3x3 stride-1 conv, its 9 taps in registers."""
+    oc = out.shape[3]
+    y = np.zeros(oc, xp.dtype)
+    zero = y[0]
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    for ni in range(out.shape[0]):
+        for py in range(out.shape[1]):
+            for px in range(out.shape[2]):
+                o, a, yw = out[ni, py, px], arg[ni, py, px], ywin[ni, py, px]
+                for i in range(kp):
+                    oy = py * kp + i
+                    r0, r1, r2 = xp[ni, oy], xp[ni, oy + 1], xp[ni, oy + 2]
+                    for j in range(kp):
+                        ox = px * kp + j
+                        t0, t1, t2 = r0[ox], r0[ox + 1], r0[ox + 2]
+                        t3, t4, t5 = r1[ox], r1[ox + 1], r1[ox + 2]
+                        t6, t7, t8 = r2[ox], r2[ox + 1], r2[ox + 2]
+                        for co in range(oc):          # (the same sum, in the same order, as the loop above)
+                            y[co] = (zero + t0 * w0[co] + t1 * w1[co] + t2 * w2[co] + t3 * w3[co] + t4 * w4[co]
+                                     + t5 * w5[co] + t6 * w6[co] + t7 * w7[co] + t8 * w8[co])
+                        _grey_keep_max(y, scale, shift, i * kp + j, o, a, yw, zero)
+    return out
+
+
+@njit(**_serial)
+def grey_block_grad_sums_serial(xp, g, arg, ywin, scale, shift, mean, k, s, kp):
+    """For g = dL/d(pooled output): sum(g_bn), sum(g_bn * (y - mean)) per channel and
+    T_g = sum(taps * g_bn) per (tap, channel), float64, where g_bn = dL/d(BatchNorm output) is each
+    window's gradient at its winner if the ReLU let it through (y: the winner's conv value)."""
+    n, ph, pw, oc = g.shape
+    kk = k * k
+    gb = np.zeros(oc, g.dtype)
+    row = np.zeros((kk, oc), g.dtype)          # one pooled row's taps * g_bn, then added in float64
+    zero = gb[0]                               # (0 in the arrays' type: a loser adds exactly 0)
+    s1, s2, tg = np.zeros(oc), np.zeros(oc), np.zeros((kk, oc))
+    for ni in range(n):
+        for py in range(ph):
+            row[:] = zero
+            for px in range(pw):
+                a, gw, yw = arg[ni, py, px], g[ni, py, px], ywin[ni, py, px]
+                for co in range(oc):
+                    yv = yw[co]
+                    gv = gw[co] if yv * scale[co] + shift[co] > 0 else zero
+                    s1[co] += gv
+                    s2[co] += gv * (yv - mean[co])
+                for i in range(kp):
+                    for j in range(kp):
+                        pos = i * kp + j
+                        for co in range(oc):        # this position's share: the channels it won
+                            gb[co] = gw[co] if a[co] == pos and yw[co] * scale[co] + shift[co] > 0 else zero
+                        oy, ox = (py * kp + i) * s, (px * kp + j) * s
+                        for ti in range(k):
+                            xr = xp[ni, oy + ti]
+                            for tj in range(k):
+                                xt = xr[ox + tj]
+                                t = ti * k + tj
+                                for co in range(oc):
+                                    row[t, co] += xt * gb[co]
+            for t in range(kk):
+                for co in range(oc):
+                    tg[t, co] += row[t, co]
+    return s1, s2, tg
+
+
+@njit(**_serial)
+def grey_block_input_grad_serial(xp, w, g, arg, scale, shift, a, b, c0, k, s, p, kp, dx):
+    """dx (N, H, W) = dL/dx of the grey conv block: each output pixel's dL/dy = a * g_bn + b * y + c0
+    (BatchNorm's backward as an affine map; y recomputed) sent back along its k*k taps."""
+    n, ph, pw, oc = g.shape
+    h, wd = dx.shape[1], dx.shape[2]
+    oh, ow = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    y = np.zeros(oc, xp.dtype)
+    dy = np.zeros(oc, xp.dtype)
+    zero = y[0]
+    dx[:] = zero
+    for ni in range(n):
+        for oy in range(oh):
+            for ox in range(ow):
+                y[:] = zero
+                for t in range(k * k):
+                    xt = xp[ni, oy * s + t // k, ox * s + t % k]
+                    for co in range(oc):
+                        y[co] += xt * w[t, co]
+                py, px = oy // kp, ox // kp
+                inside = py < ph and px < pw
+                pos = (oy % kp) * kp + ox % kp
+                for co in range(oc):
+                    yv = y[co]
+                    gv = zero
+                    if inside:
+                        if arg[ni, py, px, co] == pos and yv * scale[co] + shift[co] > 0:
+                            gv = g[ni, py, px, co]
+                    dy[co] = a[co] * gv + b[co] * yv + c0[co]
+                for t in range(k * k):
+                    yy, xx = oy * s - p + t // k, ox * s - p + t % k
+                    if 0 <= yy < h and 0 <= xx < wd:
+                        acc = zero
+                        for co in range(oc):
+                            acc += dy[co] * w[t, co]
+                        dx[ni, yy, xx] += acc
+    return dx
