@@ -233,6 +233,39 @@ def test_grey_conv_block_equals_the_four_layers(n, oc, h, w, k, s, p, pool, trai
         np.testing.assert_allclose(got[name], a, rtol=tol, atol=tol * scale, err_msg=name)
 
 
+@pytest.mark.parametrize("hw", [12, 18])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_gradient_by_winograd_6x6_equals_the_four_layers(hw, training, dtype):
+    """A block whose input gradient divides into 6x6 tiles (12 and more wide) takes F(6x6, 3x3) for
+    it: the same gradients as the four textbook layers (float64 to 1e-10, float32 to 1e-4), and the
+    forward still by F(2x2, 3x3)."""
+    from minicnn.engines import using
+    from minicnn.engines.cpu import threads
+    from minicnn.nn import BatchNorm2d, ReLU, Sequential
+    if not threads.available():
+        pytest.skip("the chunked route needs a BLAS whose threads threadpoolctl can limit")
+    x = np.random.default_rng(hw).standard_normal((5, 16, hw, hw)).astype(dtype)
+    results = {}
+    for engine in ("textbook", "auto"):
+        net = Sequential(Conv2d(16, 8, 3, padding=1, seed=1), BatchNorm2d(8), ReLU(), MaxPool2d(2)).to(dtype=dtype)
+        net[1].set_buffer("running_mean", np.linspace(-0.5, 0.5, 8).astype(dtype))
+        net.train(training)
+        with using(engine):
+            out = net(x)
+            if engine == "auto":
+                step = net._last_plan[0]
+                step.WINOGRAD_MIN_TILES = 1
+                out = net(x)
+                assert step.route == "threaded" and step.saved.w_col is None            # Winograd forward
+                assert step._f6_input_grad(hw, hw, 1) and not step._f6_input_grad(6, 6, 1)
+            dx = net.backward(np.random.default_rng(0).standard_normal(out.shape).astype(dtype))
+        results[engine] = [out, dx, net[0].weight.grad, net[1].weight.grad, net[1].bias.grad]
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for a, b in zip(results["textbook"], results["auto"]):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.abs(a).max()))
+
+
 def test_the_emotion_classifiers_first_block_takes_the_grey_route():
     import minicnn
     from minicnn.engines.cpu import threads

@@ -22,7 +22,7 @@ from ..common import (NOTHING_KEPT, Step, StepWithInputGrad, TextbookRun, batchn
                       fusable, fusable_with_conv, no_forward_yet, pooled_size, restore_batchnorm_buffers,
                       weight_columns)
 from . import kernels as cpu
-from . import grey_block, threads, winograd, workspace
+from . import grey_block, threads, winograd, winograd6, workspace
 from .layers import (Conv2dStep, accumulate_weight_columns, backward_affine, batch_affine,
                      batch_affine_from_parts, eval_affine)
 
@@ -171,6 +171,13 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
     # its conv output is never stored, the conv is recomputed where each pass needs it. False: the
     # conv and the fused step one after the other, as for other thin convs.
     GREY = True
+    # dL/dx by F(6x6, 3x3) (winograd6.py: 64 products for 36 outputs, against F(2x2)'s 144) where it
+    # divides into 6x6 tiles and is at least this wide (conv2's and conv3's blocks: 2-5 and 1-3 ms
+    # faster per step at batch 64). Its float32 error, some 5e-6 of the largest value, reaches the
+    # weight gradients as 1e-5 of theirs (1e-6 with F(2x2)). Only backward: the forward's decisions
+    # (which pixel wins a pooling window, which values pass the ReLU) must not move, and in the forward
+    # such an error flips a few of them among nearly equal values (see docs/engines.md). 0: off.
+    WINOGRAD_F6_INPUT_GRAD_MIN_SIZE = 12
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -243,6 +250,11 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
             return winograd.conv3x3(x_nhwc[lo:hi], w, self.conv.padding, out)
         np.matmul(self._im2col(x_nhwc, lo, hi, oh, ow), w, out=out.reshape(-1, out.shape[-1]))
         return out
+
+    def _f6_input_grad(self, h, w, padding):
+        """True when dL/dx (an h x w output) takes F(6x6, 3x3)."""
+        conv, least = self.conv, self.WINOGRAD_F6_INPUT_GRAD_MIN_SIZE
+        return bool(least) and min(h, w) >= least and winograd6.applies(conv.kernel_size, conv.stride, padding, h, w)
 
     def _filters(self, conv_shape):
         conv = self.conv
@@ -324,7 +336,11 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         wino_fwd = w_col is None                    # (the forward's choice; the backward follows it)
         wino = input_grad and wino_fwd
         wino_dw = wino_fwd and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS
-        w_dx = winograd.filter_transform(conv.weight.data, for_input_grad=True) if wino else None
+        w_dx = None              # dL/dx's filters: turned by 180 degrees, in and out channels swapped
+        if wino and self._f6_input_grad(x_nhwc.shape[1], x_nhwc.shape[2], k - 1 - p):
+            w_dx = winograd6.filter_transform(np.ascontiguousarray(conv.weight.data.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]))
+        elif wino:
+            w_dx = winograd.filter_transform(conv.weight.data, for_input_grad=True)
         dws = {}
 
         def grad_chunk(lo, hi):
@@ -335,7 +351,8 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
             else:
                 dws[lo] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
             if wino:              # dL/dx: the conv of dL/dy with the rotated filters, padding k - 1 - p
-                winograd.conv3x3(dy.reshape(hi - lo, oh, ow, oc), w_dx, k - 1 - p, dx[lo:hi])
+                (winograd6 if w_dx.shape[0] == 64 else winograd).conv3x3(dy.reshape(hi - lo, oh, ow, oc), w_dx,
+                                                                          k - 1 - p, dx[lo:hi])
             elif input_grad:
                 cpu.col2im_nhwc_serial(dy @ w_col.T, k, s, p, oh, ow, dx[lo:hi])
         threads.run_chunks(grad_chunk, n, chunk)
