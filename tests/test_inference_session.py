@@ -215,17 +215,17 @@ np.testing.assert_allclose(session.run(x[:3]), ref[:3], rtol=1e-4, atol=1e-5)   
 model.train()
 y = np.arange(64) % 7
 grads = {}
-for engine in ("textbook", "auto"):
+for engine in ("textbook", "auto"):      # (float64: float32's other rounding may flip a pooling winner)
     minicnn.manual_seed(1)
-    m = EmotionClassifier(dropout=0.0)
+    m = EmotionClassifier(dropout=0.0).double()
     with engines.using(engine):
         crit = CrossEntropyLoss()
-        loss = crit(m(x), y)
+        loss = crit(m(x.astype(np.float64)), y)
         m.backward(crit.backward())
     grads[engine] = [p.grad.copy() for p in m.parameters()]
 scale = max(np.abs(a).max() for a in grads["textbook"])      # (a conv bias's gradient is ~0: BatchNorm follows)
 for a, b in zip(grads["textbook"], grads["auto"]):
-    np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-5 * scale)
+    np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-10 * scale)
 print("ok")
 """
     env = dict(__import__("os").environ, NUMBA_NUM_THREADS="16", OPENBLAS_NUM_THREADS="16", OMP_NUM_THREADS="16")

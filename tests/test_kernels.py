@@ -236,10 +236,10 @@ def test_grey_conv_block_equals_the_four_layers(n, oc, h, w, k, s, p, pool, trai
 @pytest.mark.parametrize("hw", [12, 18])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_input_gradient_by_winograd_6x6_equals_the_four_layers(hw, training, dtype):
-    """A block whose input gradient divides into 6x6 tiles (12 and more wide) takes F(6x6, 3x3) for
-    it: the same gradients as the four textbook layers (float64 to 1e-10, float32 to 1e-4), and the
-    forward still by F(2x2, 3x3)."""
+def test_backward_by_winograd_6x6_equals_the_four_layers(hw, training, dtype):
+    """A block whose output and input gradient divide into 6x6 tiles (12 and more wide) takes
+    F(6x6, 3x3) for dL/dx and F(3x3, 6x6) for dL/dW: the same gradients as the four textbook layers
+    (float64 to 1e-10, float32 to 1e-4), and the forward still by F(2x2, 3x3)."""
     from minicnn.engines import using
     from minicnn.engines.cpu import threads
     from minicnn.nn import BatchNorm2d, ReLU, Sequential
@@ -259,6 +259,7 @@ def test_input_gradient_by_winograd_6x6_equals_the_four_layers(hw, training, dty
                 out = net(x)
                 assert step.route == "threaded" and step.saved.w_col is None            # Winograd forward
                 assert step._f6_input_grad(hw, hw, 1) and not step._f6_input_grad(6, 6, 1)
+                assert step._f6_weight_grad(hw, hw, 1) and not step._f6_weight_grad(6, 6, 1)
             dx = net.backward(np.random.default_rng(0).standard_normal(out.shape).astype(dtype))
         results[engine] = [out, dx, net[0].weight.grad, net[1].weight.grad, net[1].bias.grad]
     tol = 1e-4 if dtype == np.float32 else 1e-10

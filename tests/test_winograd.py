@@ -100,8 +100,10 @@ def test_applies_only_to_3x3_stride_1_with_padding_up_to_2():
 
 
 def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
-    """conv1 (one input channel) stays im2col; conv2-4 use Winograd, forward and backward, and the
-    network's output and gradients match the plain path."""
+    """conv1 (one input channel) takes the grey route; conv2-4 use Winograd, forward and backward,
+    and the network's output and gradients match the plain path. In float64: in float32 the engine's
+    other rounding can flip a max-pooling winner among nearly equal values now and then, and a flip
+    sends one gradient to another pixel (a difference no tolerance for rounding covers)."""
     import minicnn
     from minicnn.engines import using
     from minicnn.engines.cpu import threads
@@ -109,17 +111,18 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
     from minicnn.engines.cpu.blocks import ConvBatchNormReLUPool
     if not threads.available():
         pytest.skip("the chunked route needs a BLAS whose threads threadpoolctl can limit")
-    x = np.random.default_rng(0).standard_normal((16, 1, 48, 48)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((16, 1, 48, 48))
     results = {}
     for fast in (False, True):
         minicnn.manual_seed(0)
-        model = EmotionClassifier(dropout=0.0)
+        model = EmotionClassifier(dropout=0.0).double()
         with using("auto" if fast else "textbook"):
             out = model(x)
             model.backward(np.ones_like(out) / out.size)
             if fast:
                 steps = model.features._last_plan
                 assert [type(s) for s in steps] == [ConvBatchNormReLUPool] * 4
+                assert steps[0].route == "grey"
                 assert [s.saved.w_col is None for s in steps[1:]] == [True, True, True]    # Winograd
                 sizes = [(16, 1, 48, 48), (16, 32, 24, 24), (16, 64, 12, 12), (16, 128, 6, 6)]
                 assert [s._winograd(s.conv.output_shape(size)) for s, size in zip(steps, sizes)] == \
@@ -131,8 +134,9 @@ def test_emotion_classifier_blocks_take_the_winograd_route_except_the_first():
         with using("auto" if fast else "textbook"), minicnn.no_grad():       # inference: chunks that keep nothing
             logits = model(x)
         results[fast] = [out, logits] + [p.grad for p in model.parameters()]
+    scale = max(np.abs(a).max() for a in results[False])    # (a conv bias's gradient is ~0: BatchNorm follows)
     for a, b in zip(results[False], results[True]):
-        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5)
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-10 * scale)
 
 
 def test_the_matrices_compute_a_2x2_correlation():

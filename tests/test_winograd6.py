@@ -56,3 +56,21 @@ def test_float32_error_is_small_next_to_the_values():
                                       ((3, 2, 1, 6, 6), False), ((5, 1, 2, 6, 6), False), ((3, 1, 3, 6, 6), False)])
 def test_applies_only_to_3x3_stride_1_on_6x6_tiles(args, ok):
     assert winograd6.applies(*args) is ok
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 5), oc=st.integers(1, 4), th=st.integers(1, 3), tw=st.integers(1, 3),
+       padding=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_weight_gradient_f3x3_6x6_equals_the_naive_loops(n, c, oc, th, tw, padding, seed):
+    """dL/dW by F(3x3, 6x6) (the transposed algorithm) against sum over outputs of x_pad * dL/dY, float64."""
+    from minicnn.engines.cpu import winograd6
+    rng = np.random.default_rng(seed)
+    oh, ow = 6 * th, 6 * tw
+    x = rng.standard_normal((n, oh + 2 - 2 * padding, ow + 2 - 2 * padding, c))
+    g = rng.standard_normal((n, oh, ow, oc))
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    want = np.zeros((3, 3, c, oc))
+    for i in range(3):
+        for j in range(3):
+            want[i, j] = np.einsum("nyxc,nyxo->co", xp[:, i:i + oh, j:j + ow], g)
+    got = winograd6.weight_grad_columns(winograd6.weight_grad_sums(x, g, padding))
+    np.testing.assert_allclose(got, want.reshape(9 * c, oc), rtol=1e-10, atol=1e-10 * np.abs(want).max())

@@ -178,6 +178,11 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
     # (which pixel wins a pooling window, which values pass the ReLU) must not move, and in the forward
     # such an error flips a few of them among nearly equal values (see docs/engines.md). 0: off.
     WINOGRAD_F6_INPUT_GRAD_MIN_SIZE = 12
+    # dL/dW by F(3x3, 6x6) (the same algorithm transposed: 64 products V^T E per tile) where the
+    # conv's output divides into 6x6 tiles and is at least this wide, whatever the channels: conv2's
+    # block 1-3 ms and conv3's 1-2 ms faster per step. On conv4's 6x6 map it was 5-20 ms slower (each
+    # chunk's 64 planes of 128 x 256 sums, 8 MB, then G^T S G). 0: off.
+    WINOGRAD_F6_WEIGHT_GRAD_MIN_SIZE = 12
 
     def __init__(self, conv, bn, relu, pool):
         self.conv, self.bn, self.pool = conv, bn, pool
@@ -255,6 +260,12 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         """True when dL/dx (an h x w output) takes F(6x6, 3x3)."""
         conv, least = self.conv, self.WINOGRAD_F6_INPUT_GRAD_MIN_SIZE
         return bool(least) and min(h, w) >= least and winograd6.applies(conv.kernel_size, conv.stride, padding, h, w)
+
+    def _f6_weight_grad(self, oh, ow, padding):
+        """True when dL/dW of a conv with output (oh, ow) takes F(3x3, 6x6)."""
+        conv, least = self.conv, self.WINOGRAD_F6_WEIGHT_GRAD_MIN_SIZE
+        return bool(least) and min(oh, ow) >= least and winograd6.applies(conv.kernel_size, conv.stride, padding,
+                                                                           oh, ow)
 
     def _filters(self, conv_shape):
         conv = self.conv
@@ -335,7 +346,9 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         dx = workspace.empty(x_nhwc.shape, y.dtype) if input_grad else None
         wino_fwd = w_col is None                    # (the forward's choice; the backward follows it)
         wino = input_grad and wino_fwd
-        wino_dw = wino_fwd and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS
+        dw_f6 = wino_fwd and self._f6_weight_grad(oh, ow, p)
+        wino_dw = dw_f6 or (wino_fwd and conv.in_channels >= self.WINOGRAD_DW_MIN_CHANNELS)
+        dw_module = winograd6 if dw_f6 else winograd
         w_dx = None              # dL/dx's filters: turned by 180 degrees, in and out channels swapped
         if wino and self._f6_input_grad(x_nhwc.shape[1], x_nhwc.shape[2], k - 1 - p):
             w_dx = winograd6.filter_transform(np.ascontiguousarray(conv.weight.data.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]))
@@ -346,8 +359,8 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         def grad_chunk(lo, hi):
             dy = cpu.bn_relu_pool_backward_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, kp, a, b, c0,
                                                   np.empty((hi - lo, oh, ow, oc), y.dtype)).reshape(-1, oc)
-            if wino_dw:           # the 16 products V^T E; G^T (sum) G once all chunks are in
-                dws[lo] = winograd.weight_grad_sums(x_nhwc[lo:hi], dy.reshape(hi - lo, oh, ow, oc), p)
+            if wino_dw:           # the 16 (or 64) products V^T E; G^T (sum) G once all chunks are in
+                dws[lo] = dw_module.weight_grad_sums(x_nhwc[lo:hi], dy.reshape(hi - lo, oh, ow, oc), p)
             else:
                 dws[lo] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
             if wino:              # dL/dx: the conv of dL/dy with the rotated filters, padding k - 1 - p
@@ -360,7 +373,7 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         dw = dws[0]
         for part in dws[1:]:
             dw += part
-        accumulate_weight_columns(conv, winograd.weight_grad_columns(dw) if wino_dw else dw)
+        accumulate_weight_columns(conv, dw_module.weight_grad_columns(dw) if wino_dw else dw)
         if conv.bias is not None:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None

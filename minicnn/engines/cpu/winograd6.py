@@ -29,15 +29,18 @@ padding). On the 24x24 and 12x12 maps it needs 1.27x fewer products than F(4x4, 
 fewer transformed values, and the inference session (:mod:`.inference`) takes it wherever the map
 divides into 6x6 tiles. The price is accuracy: constants up to 32 and 21/4 make float32 results
 differ from im2col's by some 1e-5 relative (1e-6 for F(4x4, 3x3); the tests bound both), below
-what an eval-mode prediction can notice. Forward only, serial kernels for the session's worker
-threads; the obviously-correct version is im2col + GEMM, and the tests tie them.
+what an eval-mode prediction can notice. The inference session uses it forward; training uses it
+backward only (:class:`~.blocks.ConvBatchNormReLUPool`: dL/dx as a conv with the turned filters, and
+dL/dW by the transposed algorithm below), where an error this size cannot move a pooling winner or
+a ReLU gate. Serial kernels for worker threads; the obviously-correct version is im2col + GEMM,
+and the tests tie them.
 """
 import numpy as np
 from numba import njit
 
 from .winograd import _pad_into
 
-__all__ = ["applies", "filter_transform", "tiles", "conv3x3"]
+__all__ = ["applies", "filter_transform", "tiles", "conv3x3", "weight_grad_sums", "weight_grad_columns"]
 
 _opts = dict(parallel=False, cache=True, fastmath=False, nogil=True)
 _G = np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
@@ -163,3 +166,73 @@ def conv3x3(x, u, padding, out):
     v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
     m = np.matmul(v, u, out=np.empty((64, v.shape[1], oc), x.dtype))
     return output_transform(m, th, tw, out)
+
+
+# --- the weight gradient: F(3x3, 6x6), the same algorithm transposed ----------------------------
+#
+# As for F(2x2, 3x3) in :mod:`.winograd`: transposing the bilinear form gives, per tile, the 3x3
+# correlation of the 8x8 input tile d with the 6x6 gradient tile e as
+#
+#     dW = G^T [ (A e A^T) * (B^T d B) ] G      (A = the transpose of A^T above: 8 x 6)
+#
+# summed over tiles and images as 64 matrix products V[ab]^T @ E[ab], (C, tiles) x (tiles, OC):
+# 64 products per 324 multiply-adds of im2col's col^T @ dY. Its float32 error (some 5e-6 of the
+# largest value) stays in the weight gradient: nothing downstream decides on it.
+
+@njit(inline="always")
+def _a(g0, g1, g2, g3, g4, g5):
+    """A (g0 .. g5): the columns of A^T, in pairs that share their even and odd parts; constants
+    in the data's type."""
+    f = type(g0)
+    e1, o1 = g0 + g2 + g4, g1 + g3 + g5
+    e2, o2 = g0 + f(4) * g2 + f(16) * g4, f(2) * g1 + f(8) * g3 + f(32) * g5
+    e3, o3 = g0 + f(0.25) * g2 + f(0.0625) * g4, f(0.5) * g1 + f(0.125) * g3 + f(0.03125) * g5
+    return g0, e1 + o1, e1 - o1, e2 + o2, e2 - o2, e3 + o3, e3 - o3, g5
+
+
+@njit(**_opts)
+def gradient_transform(g, th, tw, e):
+    """e[8a + b, tile, o] = (A g A^T)[a, b] for the 6x6 tile of dL/dY (N, 6 th, 6 tw, OC) of every
+    tile: A on the tile's columns (into r), then on each row of r, runs along the channels."""
+    n, oh, ow, oc = g.shape
+    r = np.empty((8, 6, oc), g.dtype)
+    for ni in range(n):
+        for ty in range(th):
+            for tx in range(tw):
+                t = (ni * th + ty) * tw + tx
+                y0, x0 = 6 * ty, 6 * tx
+                for s in range(6):                      # each column of the tile: 6 rows -> 8
+                    c0, c1, c2 = g[ni, y0, x0 + s], g[ni, y0 + 1, x0 + s], g[ni, y0 + 2, x0 + s]
+                    c3, c4, c5 = g[ni, y0 + 3, x0 + s], g[ni, y0 + 4, x0 + s], g[ni, y0 + 5, x0 + s]
+                    q0, q1, q2, q3 = r[0, s], r[1, s], r[2, s], r[3, s]
+                    q4, q5, q6, q7 = r[4, s], r[5, s], r[6, s], r[7, s]
+                    for o in range(oc):
+                        q0[o], q1[o], q2[o], q3[o], q4[o], q5[o], q6[o], q7[o] = _a(c0[o], c1[o], c2[o], c3[o],
+                                                                                    c4[o], c5[o])
+                for a in range(8):                      # ... then each of the 8 rows: 6 columns -> 8
+                    p0, p1, p2, p3, p4, p5 = r[a, 0], r[a, 1], r[a, 2], r[a, 3], r[a, 4], r[a, 5]
+                    q0, q1, q2, q3 = e[8 * a, t], e[8 * a + 1, t], e[8 * a + 2, t], e[8 * a + 3, t]
+                    q4, q5, q6, q7 = e[8 * a + 4, t], e[8 * a + 5, t], e[8 * a + 6, t], e[8 * a + 7, t]
+                    for o in range(oc):
+                        q0[o], q1[o], q2[o], q3[o], q4[o], q5[o], q6[o], q7[o] = _a(p0[o], p1[o], p2[o], p3[o],
+                                                                                    p4[o], p5[o])
+    return e
+
+
+def weight_grad_sums(x, g, padding):
+    """S[ab] = V[ab]^T @ E[ab] for channels-last x (N, H, W, C) and dL/dY g (N, OH, OW, OC), OH and
+    OW multiples of 6: (64, C, OC). Sums of chunks add up; :func:`weight_grad_columns` makes dW."""
+    n, oh, ow, oc = g.shape
+    th, tw = tiles(oh, ow)
+    c = x.shape[3]
+    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
+    v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
+    e = gradient_transform(g, th, tw, np.empty((64, n * th * tw, oc), g.dtype))
+    return np.matmul(v.transpose(0, 2, 1), e)
+
+
+def weight_grad_columns(s):
+    """dW = G^T S G from :func:`weight_grad_sums`, as the (9 * C, OC) matrix of rows (i, j, c)
+    (Conv2d's weight columns layout): dW[i, j] = sum over (a, b) of G[a, i] G[b, j] S[ab]."""
+    c, oc = s.shape[1:]
+    return (_GG.T.astype(s.dtype) @ s.reshape(64, c * oc)).reshape(9 * c, oc)
