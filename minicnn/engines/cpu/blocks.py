@@ -359,8 +359,9 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         def grad_chunk(lo, hi):
             dy = cpu.bn_relu_pool_backward_serial(g[lo:hi], arg[lo:hi], y[lo:hi], scale, shift, kp, a, b, c0,
                                                   np.empty((hi - lo, oh, ow, oc), y.dtype)).reshape(-1, oc)
-            if wino_dw:           # the 16 (or 64) products V^T E; G^T (sum) G once all chunks are in
-                dws[lo] = dw_module.weight_grad_sums(x_nhwc[lo:hi], dy.reshape(hi - lo, oh, ow, oc), p)
+            if wino_dw:           # the 16 (or 64) products V^T E, then G^T (them) G: the chunk's dW
+                dws[lo] = dw_module.weight_grad_columns(dw_module.weight_grad_sums(
+                    x_nhwc[lo:hi], dy.reshape(hi - lo, oh, ow, oc), p))
             else:
                 dws[lo] = self._im2col(x_nhwc, lo, hi, oh, ow).T @ dy
             if wino:              # dL/dx: the conv of dL/dy with the rotated filters, padding k - 1 - p
@@ -373,7 +374,7 @@ class ConvBatchNormReLUPool(StepWithInputGrad):
         dw = dws[0]
         for part in dws[1:]:
             dw += part
-        accumulate_weight_columns(conv, dw_module.weight_grad_columns(dw) if wino_dw else dw)
+        accumulate_weight_columns(conv, dw)       # (the sum of 9 planes, not 16 or 64: less to add up in one thread)
         if conv.bias is not None:
             conv.bias.accumulate_grad(sum_dy.astype(y.dtype))
         return cpu.from_nhwc(dx) if input_grad else None
