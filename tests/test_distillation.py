@@ -264,3 +264,17 @@ def test_cli_distillation_options(tmp_path, capsys):
     assert r.teachers == [os.path.abspath(path)] * 2 and r.distill_weight == 0.8 and r.distill_temperature == 2.0
     assert main(["train", "--distill-temperature", "3", "--out", str(tmp_path / "x")]) == 2
     assert "need --teacher" in capsys.readouterr().err
+
+
+def test_a_distilled_models_card_names_its_teachers_without_local_paths(tmp_path):
+    from minicnn.training.export import export_weights
+    os.makedirs(tmp_path / "teachers")
+    path, _ = write_teacher(tmp_path / "teachers" / "t.npz")
+    tr = Trainer(tiny_data(), tiny_recipe(epochs=1, teachers=[path]), out_dir=str(tmp_path / "run"), **QUIET)
+    tr.fit()
+    card = export_weights(str(tmp_path / "run" / "best.npz"), str(tmp_path / "w"))
+    (teacher,) = card["teachers"]
+    assert teacher["file"] == os.path.join("teachers", "t.npz") and teacher["fingerprint"] == tr.teacher.fingerprints[0]
+    os.remove(path)                                  # gone: the card still names it by content
+    (teacher,) = export_weights(str(tmp_path / "run" / "best.npz"), str(tmp_path / "w2"))["teachers"]
+    assert teacher == {"file": os.path.join("teachers", "t.npz"), "fingerprint": tr.teacher.fingerprints[0]}

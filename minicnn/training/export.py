@@ -27,6 +27,24 @@ def _commit():
         return None
 
 
+def _teachers(meta):
+    """What a distilled model learnt from: each teacher's file name, content fingerprint and, where the
+    file is still there, its recipe, data and validation accuracy (the card must not depend on
+    paths that exist on one machine only)."""
+    found = []
+    prints = meta.get("teacher_fingerprints") or [None] * len(meta["recipe"]["teachers"])
+    for path, fingerprint in zip(meta["recipe"]["teachers"], prints):
+        entry = {"file": os.path.join(*path.replace("\\", "/").split("/")[-2:]), "fingerprint": fingerprint}
+        try:
+            _, _, theirs = load_checkpoint(path)
+            entry.update(recipe=theirs.get("recipe"), data=theirs.get("data"), best_val_acc=theirs.get("best_val_acc"),
+                         epochs_trained=theirs.get("epoch"))
+        except Exception:                   # (gone, or not readable here: the fingerprint still names it)
+            pass
+        found.append(entry)
+    return found
+
+
 def export_weights(checkpoint, out_base, report=None, extra=None):
     """Write ``out_base.npz`` and ``out_base.json``; returns the card (a dict)."""
     state, _, meta = load_checkpoint(checkpoint)
@@ -38,6 +56,8 @@ def export_weights(checkpoint, out_base, report=None, extra=None):
         "minicnn_version": meta.get("minicnn_version"), "commit": _commit(),
         "history": meta.get("history"), "format": "minicnn weights: state dict only; this card beside it",
     }
+    if meta.get("recipe", {}).get("teachers"):
+        card["teachers"] = _teachers(meta)
     if report:
         with open(report) as f:
             rep = json.load(f)
