@@ -74,3 +74,22 @@ def test_weight_gradient_f3x3_6x6_equals_the_naive_loops(n, c, oc, th, tw, paddi
             want[i, j] = np.einsum("nyxc,nyxo->co", xp[:, i:i + oh, j:j + ow], g)
     got = winograd6.weight_grad_columns(winograd6.weight_grad_sums(x, g, padding))
     np.testing.assert_allclose(got, want.reshape(9 * c, oc), rtol=1e-10, atol=1e-10 * np.abs(want).max())
+
+
+@given(n=st.integers(1, 3), c=st.integers(1, 5), oc=st.integers(1, 4), th=st.integers(1, 3), tw=st.integers(1, 3),
+       padding=st.integers(0, 2), pool=st.sampled_from([1, 2, 3]), nan=st.booleans(), seed=st.integers(0, 2**16))
+def test_pooling_in_the_output_transform_equals_conv_then_pool(n, c, oc, th, tw, padding, pool, nan, seed):
+    """The inference session's fused F(6x6, 3x3) block: the same bits as the conv, then
+    kernels.pool_bias_relu (first maximum, a NaN wins), for every pool size dividing 6."""
+    from minicnn.engines.cpu import kernels
+    rng = np.random.default_rng(seed)
+    oh, ow = 6 * th, 6 * tw
+    x = rng.standard_normal((n, oh + 2 - 2 * padding, ow + 2 - 2 * padding, c)).astype(np.float32)
+    if nan:
+        x[0, rng.integers(x.shape[1]), rng.integers(x.shape[2]), 0] = np.nan
+    u = winograd6.filter_transform(rng.standard_normal((oc, c, 3, 3)).astype(np.float32))
+    bias = rng.standard_normal(oc).astype(np.float32)
+    y = winograd6.conv3x3(x, u, padding, np.empty((n, oh, ow, oc), np.float32))
+    want = kernels.pool_bias_relu_serial(y, bias, pool, np.empty((n, oh // pool, ow // pool, oc), np.float32))
+    got = winograd6.conv3x3_pool_bias_relu(x, u, padding, bias, pool, np.empty_like(want))
+    np.testing.assert_array_equal(got, want)

@@ -76,6 +76,8 @@ class _Conv:
         # Rows of one image in this block's matrix products: its tiles, or (im2col) its output pixels.
         # A worker thread runs the block on this many images at a time: the 24x24 map's 16 tiles of
         # 6x6 four images at a time, the 6x6 map's single tile 64 images at a time (or all it has).
+        # F(6x6, 3x3) with a pool that divides 6: pooled inside the output transform (no conv buffer).
+        self.pooled_transform = self.winograd is winograd6 and 6 % pool == 0
         rows = self.oh * self.ow if self.winograd is None else np.prod(self.winograd.tiles(self.oh, self.ow))
         self.images_per_product = 8 if self.direct else max(1, -(-gemm_rows // int(rows)))
 
@@ -100,6 +102,8 @@ class _Conv:
             parallel = parallel and out.size >= PARALLEL_MIN_VALUES
             return (cpu.grey_conv3x3_pool_bias_relu if parallel else cpu.grey_conv3x3_pool_bias_relu_serial)(
                 xp, self.filters, self.bias, self.pool, out)
+        if self.pooled_transform:
+            return winograd6.conv3x3_pool_bias_relu(x, self.filters, self.padding, self.bias, self.pool, out)
         self.conv(x, y, parallel)
         parallel = parallel and y.size >= PARALLEL_MIN_VALUES
         (cpu.pool_bias_relu if parallel else cpu.pool_bias_relu_serial)(y, self.bias, self.pool, out)
@@ -141,7 +145,7 @@ class CpuInference:
     def _buffers_for(self, n):
         bufs = self._buffers.get(n)
         if bufs is None:
-            bufs = {"convs": [(None if b.direct else np.empty((n, b.oh, b.ow, b.oc), self.dtype),
+            bufs = {"convs": [(None if b.direct or b.pooled_transform else np.empty((n, b.oh, b.ow, b.oc), self.dtype),
                                np.empty((n, b.ph, b.pw, b.oc), self.dtype)) for b in self.convs],
                     "linears": [np.empty((n, lin.wt.shape[1]), self.dtype) for lin in self.linears]}
             if len(self._buffers) >= 8:              # (a few batch sizes at most)
