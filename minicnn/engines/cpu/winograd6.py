@@ -156,15 +156,20 @@ def output_transform(m, th, tw, out):
     return out
 
 
+def transformed_input(x, padding, th, tw):
+    """V = B^T d B of every 8x8 tile of channels-last x (N, H, W, C) padded by ``padding``, for
+    th x tw tiles of 6x6 outputs: (64, N * tiles, C)."""
+    n, c = x.shape[0], x.shape[3]
+    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
+    return input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
+
+
 def conv3x3(x, u, padding, out):
     """out (N, OH, OW, OC) = the 3x3 stride-1 convolution of channels-last x (N, H, W, C) with
     ``u`` = :func:`filter_transform` (64, C, OC), no bias; OH and OW multiples of 6."""
-    n, oh, ow, oc = out.shape
-    th, tw = tiles(oh, ow)
-    c = x.shape[3]
-    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
-    v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
-    m = np.matmul(v, u, out=np.empty((64, v.shape[1], oc), x.dtype))
+    th, tw = tiles(out.shape[1], out.shape[2])
+    v = transformed_input(x, padding, th, tw)
+    m = np.matmul(v, u, out=np.empty((64, v.shape[1], out.shape[3]), x.dtype))
     return output_transform(m, th, tw, out)
 
 
@@ -224,9 +229,7 @@ def weight_grad_sums(x, g, padding):
     OW multiples of 6: (64, C, OC). Sums of chunks add up; :func:`weight_grad_columns` makes dW."""
     n, oh, ow, oc = g.shape
     th, tw = tiles(oh, ow)
-    c = x.shape[3]
-    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
-    v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
+    v = transformed_input(x, padding, th, tw)
     e = gradient_transform(g, th, tw, np.empty((64, n * th * tw, oc), g.dtype))
     return np.matmul(v.transpose(0, 2, 1), e)
 
@@ -298,9 +301,7 @@ def output_transform_pool_bias_relu(m, th, tw, bias, k, out):
 def conv3x3_pool_bias_relu(x, u, padding, bias, k, out):
     """out = relu(maxpool_k(conv3x3(x)) + bias), channels-last, for OH and OW multiples of 6 and a
     pool size k dividing 6: :func:`conv3x3` with the pooling done in its output transform."""
-    n, c = x.shape[0], x.shape[3]
     th, tw = (out.shape[1] * k) // 6, (out.shape[2] * k) // 6
-    xp = _pad_into(x, padding, np.empty((n, 6 * th + 2, 6 * tw + 2, c), x.dtype))
-    v = input_transform(xp, th, tw, np.empty((64, n * th * tw, c), x.dtype))
+    v = transformed_input(x, padding, th, tw)
     m = np.matmul(v, u, out=np.empty((64, v.shape[1], out.shape[3]), x.dtype))
     return output_transform_pool_bias_relu(m, th, tw, bias, k, out)
