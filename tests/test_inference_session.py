@@ -91,9 +91,40 @@ def test_both_thread_routes_are_taken_and_agree(monkeypatch):
     chunked = session.run(x)
     assert calls == [16]                                                  # one parallel region for all blocks
     monkeypatch.setattr(inference.CpuInference, "CHUNKED_MIN_IMAGES_PER_THREAD", 100)
+    assert session._cpu.route_for(16) == "within"
     within = session.run(x)
     assert calls == [16]
     np.testing.assert_allclose(chunked, within, rtol=1e-5, atol=1e-6)
+
+
+def test_one_image_or_a_few_run_on_the_calling_thread_alone(monkeypatch):
+    """Batches of 1 to 7: serial kernels only (no numba parallel region, no run_chunks) and the BLAS held
+    to one thread while it runs; the logits equal the other routes' and the model's."""
+    from minicnn.engines.cpu import inference, kernels, threads
+    model = trained_like()
+    session = model.compile_inference()
+    cpu = session._cpu
+    monkeypatch.setattr(threads, "workers", lambda: 2)
+    assert [cpu.route_for(n) for n in (1, 2, 7, 8, 64)] == ["serial", "serial", "serial", "chunked", "chunked"]
+    monkeypatch.setattr(threads, "workers", lambda: 16)
+    assert [cpu.route_for(n) for n in (1, 7, 8, 63, 64)] == ["serial", "serial", "within", "within", "chunked"]
+    monkeypatch.setattr(threads, "workers", lambda: 2)
+    x = np.random.default_rng(6).normal(size=(8, 1, 48, 48)).astype(np.float32)
+    batched = session.run(x)
+    parallel_kernels = [name for name in ("grey_conv3x3_pool_bias_relu", "pool_bias_relu", "im2col_nhwc")]
+    for name in parallel_kernels:
+        monkeypatch.setattr(kernels, name, lambda *a, _n=name: pytest.fail(f"{_n} (parallel) ran at batch 1"))
+    monkeypatch.setattr(threads, "run_chunks", lambda *a: pytest.fail("run_chunks at batch 1"))
+    seen = []
+    real = threads.one_blas_thread
+    monkeypatch.setattr(threads, "one_blas_thread", lambda: seen.append(1) or real())
+    one = np.concatenate([session.run(x[i:i + 1]) for i in range(len(x))])
+    assert len(seen) == len(x)
+    np.testing.assert_allclose(one, batched, rtol=1e-5, atol=1e-6)
+    few = np.concatenate([session.run(x[:5]), session.run(x[5:])])            # 5 + 3 images
+    assert len(seen) == len(x) + 2
+    np.testing.assert_allclose(few, batched, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one, model_logits(model, x), rtol=1e-4, atol=1e-5)
 
 
 def test_each_block_takes_its_winograd_and_its_sub_chunks():

@@ -13,18 +13,25 @@ block (BatchNorm folded into the conv by the session), Flatten, and every Linear
 * a Linear is one matrix product with the transposed weight made at compile time, then the bias
   (and ReLU) in place.
 
-At batch 1 the work is small enough that starting threads costs more than some kernels' whole
-work, so the small ones run serially (``PARALLEL_MIN_VALUES``).
+Split within an image, the work is small enough that starting threads costs more than some kernels'
+whole work, so the small ones run serially (``PARALLEL_MIN_VALUES``).
 
-Two ways to use the cores, chosen by the batch size:
+Three ways to use the cores, chosen by the batch size:
 
+* **one image or a few** (up to ``SERIAL_MAX_IMAGES``): no other thread at all -- every kernel
+  serial, the BLAS held to the calling thread. Waking sleeping threads is what made small batches'
+  latency jump on the 2-core VM. Calls after a 0.2 s pause, 12 rounds of 10, median (99th
+  percentile) in ms: batch 1 serial 0.98 (2.3), split within the image 1.10 (5.2); batch 4 serial
+  2.49 (4.8), within 2.59 (36.0), two threads of two images 3.70 (5.6); batch 6 serial 3.57 (7.6),
+  within 3.64 (35.9), chunked 4.80 (7.6);
 * **many images** (at least ``CHUNKED_MIN_IMAGES_PER_THREAD`` per thread): each thread takes its
   share of the batch through *every* conv block with serial kernels and a one-thread BLAS -- one
   parallel region for the whole feature extractor, no serial section between blocks. Within its
   share a thread runs each block on a few images at a time, as many as give the block's matrix
   products about ``GEMM_ROWS`` rows: four images of 16 tiles (6x6) for a 24x24 map, all of them for
   a 6x6 map of one tile (a product of 8 rows runs at half the speed of one of 32);
-* **one or a few images**: the blocks one after the other, each split *within* the images
+* **in between** (more images than the serial route takes, too few to give every thread its
+  share: only with many cores): the blocks one after the other, each split *within* the images
   (numba's parallel loops over output rows, the BLAS's own threads).
 
 On the many-images route each thread also takes its rows through the Linear layers, with a
@@ -122,6 +129,9 @@ class CpuInference:
     # Chunk the batch over threads (a thread takes whole images through all blocks) from this many
     # images per thread; below it, split within images. EmotionClassifier, 2 cores: see the bench.
     CHUNKED_MIN_IMAGES_PER_THREAD = 4
+    # Up to this many images, one thread does everything (see the module's note): on 2 cores every
+    # batch is then serial or chunked.
+    SERIAL_MAX_IMAGES = 2 * CHUNKED_MIN_IMAGES_PER_THREAD - 1
     # On that route each block takes a thread's images in sub-chunks that give its matrix products
     # about this many rows (tiles): enough for the BLAS to run near its peak, few enough that the
     # transformed tiles stay in cache (see _Conv.images_per_product).
@@ -175,20 +185,34 @@ class CpuInference:
                 np.maximum(out[lo:hi], 0, out=out[lo:hi])   # (a NaN stays NaN)
             h = out[lo:hi]
 
+    def route_for(self, n):
+        """How a batch of ``n`` images uses the cores: "serial" (the calling thread alone), "chunked"
+        (each thread its share of the images through every block) or "within" (each kernel split
+        within the images)."""
+        if not threads.available():
+            return "within"
+        if n <= self.SERIAL_MAX_IMAGES:
+            return "serial"
+        k = threads.workers()
+        return "chunked" if k > 1 and n >= self.CHUNKED_MIN_IMAGES_PER_THREAD * k else "within"
+
     def run(self, x):
         """Logits (N, classes) for x (N, C, H, W) of the session's dtype (checked by the session)."""
         n = x.shape[0]
         bufs = self._buffers_for(n)
         x_nhwc = x.reshape(n, *self.input_shape[1:], 1) if self.input_shape[0] == 1 else cpu.nhwc(x)
         x_nhwc = np.ascontiguousarray(x_nhwc)
-        workers = threads.workers()
         if n == 0:
             return np.empty((0, self.linears[-1].wt.shape[1]), self.dtype)
-        if threads.available() and workers > 1 and n >= self.CHUNKED_MIN_IMAGES_PER_THREAD * workers:
+        route = self.route_for(n)
+        if route == "serial":
+            with threads.one_blas_thread():
+                self._classify(self._features(x_nhwc, 0, n, bufs, False), 0, n, bufs)
+        elif route == "chunked":
             # Each thread takes its rows through the classifier too: no BLAS threads at all, which
             # on a machine idle for a moment take milliseconds to wake (see the class's note).
             threads.run_chunks(lambda lo, hi: self._classify(self._features(x_nhwc, lo, hi, bufs, False),
-                                                             lo, hi, bufs), n, -(-n // workers))
+                                                             lo, hi, bufs), n, -(-n // threads.workers()))
         else:
             self._classify(self._features(x_nhwc, 0, n, bufs, True), 0, n, bufs)
         h = bufs["linears"][-1]

@@ -19,7 +19,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["available", "chunk_bounds", "run_chunks", "workers"]
+__all__ = ["available", "chunk_bounds", "one_blas_thread", "run_chunks", "workers"]
 
 _lock = threading.Lock()
 _state = {}
@@ -123,3 +123,12 @@ class _OneBlasThread:
 
 
 _ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def one_blas_thread():
+    """A context in which the BLAS runs on the calling thread alone (needs :func:`available`)::
+
+        with one_blas_thread():
+            np.matmul(a, b)          # no BLAS worker thread woken
+    """
+    return _ONE_BLAS_THREAD
